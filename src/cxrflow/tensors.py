@@ -1,0 +1,127 @@
+"""Preprocessing shards and the tensor cache.
+
+One pass per image: decode -> QC metrics -> aspect-preserving, anti-aliased resize with padding -> percentile
+clipping -> optional CLAHE -> uint8. Each shard writes one memory-mapped .npy array (row i = the shard's i-th
+image) and one parquet table (metrics + status). Training then reads slices of those arrays: no decoding and no
+per-file Python work in an epoch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from numpy.lib.format import open_memmap
+from PIL import Image
+from skimage.exposure import equalize_adapthist
+
+from cxrflow.decode import DecodeError, decode_image, is_excluded_view
+from cxrflow.io import atomic_path, write_parquet
+from cxrflow.quality import image_metrics, to_unit_range
+
+# How the uint8 cache maps to model input; recorded in each model's metadata.json.
+INTENSITY_CONVENTION = "uint8 cache, MONOCHROME2 (bone bright); model input = value / 255, then per-image z-score if normalize.zscore"
+
+
+def shard_of(image_ids: pd.Series, n_shards: int) -> np.ndarray:
+    """A stable shard number per image id, so that adding images does not reshuffle the others."""
+    return np.fromiter((zlib.crc32(i.encode()) % n_shards for i in image_ids), dtype=np.int64, count=len(image_ids))
+
+
+def resize_with_padding(unit: np.ndarray, size: int) -> np.ndarray:
+    """Fit the longer side to `size` (anti-aliased, aspect preserved) and pad the shorter side with black."""
+    h, w = unit.shape
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    # Pillow's float resize with reducing_gap first box-reduces by an integer factor, then filters the rest:
+    # anti-aliased like scikit-image's resize(anti_aliasing=True), at a fraction of its cost on 2k images.
+    resized = np.asarray(
+        Image.fromarray(unit, mode="F").resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0),
+        dtype=np.float32,
+    )
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = np.clip(resized, 0.0, 1.0)
+    return out, (top, left, new_h, new_w)
+
+
+def normalize(unit: np.ndarray, size: int, clip_percentiles=(0.5, 99.5), clahe: bool = False) -> np.ndarray:
+    """The cached tensor of one image: resized, padded, percentile-clipped, scaled to [0, 255] uint8."""
+    image, (top, left, h, w) = resize_with_padding(unit, size)
+    content = image[top : top + h, left : left + w]
+    lo, hi = np.percentile(content, clip_percentiles)
+    if hi > lo:
+        content = np.clip((content - lo) / (hi - lo), 0.0, 1.0)
+    else:
+        content = np.zeros_like(content)
+    if clahe:
+        content = equalize_adapthist(content, clip_limit=0.01)
+    image[top : top + h, left : left + w] = content
+    return np.round(image * 255).astype(np.uint8)
+
+
+def process_image(path: str, size: int, norm: dict) -> tuple[dict, np.ndarray | None]:
+    """Decode, measure and normalize one image. Never raises for a bad file: its status says what went wrong."""
+    try:
+        decoded = decode_image(path)
+    except DecodeError as err:
+        return {"status": f"unreadable:{err.reason}", "detail": str(err.detail)[:300]}, None
+    excluded = is_excluded_view(decoded.meta)
+    if excluded:
+        return {"status": excluded, "detail": ""}, None
+    unit = to_unit_range(decoded.pixels, decoded.meta.get("value_range"))
+    record = {"status": "ok", "detail": "; ".join(decoded.meta.get("notes", [])), **image_metrics(unit)}
+    tensor = normalize(unit, size, tuple(norm.get("clip_percentiles", (0.5, 99.5))), norm.get("clahe", False))
+    return record, tensor
+
+
+def preprocess_shard(catalog: pd.DataFrame, shard: int, n_shards: int, size: int, norm: dict,
+                     tensors_out: str | Path, table_out: str | Path) -> pd.DataFrame:
+    """Process this shard's images of the catalog; write the uint8 array and the metrics table atomically."""
+    part = catalog.loc[shard_of(catalog["image_id"], n_shards) == shard, ["image_id", "path"]].reset_index(drop=True)
+    records = []
+    with atomic_path(tensors_out) as tmp:
+        array = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(part), size, size))
+        for row, path in enumerate(part["path"]):
+            record, tensor = process_image(path, size, norm)
+            if tensor is not None:
+                array[row] = tensor
+            records.append(record)
+        array.flush()
+        del array
+    table = pd.concat([part[["image_id"]], pd.DataFrame.from_records(records)], axis=1)
+    table["shard"] = shard
+    table["row"] = np.arange(len(part))
+    write_parquet(table, table_out)
+    return table
+
+
+@dataclass
+class TensorCache:
+    """Read access to the preprocessed images of a set of shards, by image id."""
+
+    index: pd.DataFrame  # image_id, shard, row
+    shard_files: dict[int, str]
+
+    @classmethod
+    def open(cls, index_path: str | Path, shard_files: list[str | Path]) -> "TensorCache":
+        index = pd.read_parquet(index_path, columns=["image_id", "shard", "row", "status"])
+        index = index[index["status"] == "ok"]
+        files = {int(Path(f).stem.split("_")[-1]): str(f) for f in shard_files}
+        return cls(index.set_index("image_id"), files)
+
+    def load(self, image_ids) -> np.ndarray:
+        """The uint8 images (N, S, S) for these ids, read as slices of the memory-mapped shards."""
+        located = self.index.loc[list(image_ids), ["shard", "row"]].to_numpy()
+        arrays = {s: np.load(f, mmap_mode="r") for s, f in self.shard_files.items()}
+        first = next(iter(arrays.values()))
+        out = np.empty((len(located), *first.shape[1:]), dtype=np.uint8)
+        for s in np.unique(located[:, 0]):
+            mask = located[:, 0] == s
+            rows = located[mask, 1]
+            order = np.argsort(rows)  # ascending reads are sequential on disk
+            out[np.flatnonzero(mask)[order]] = arrays[s][rows[order]]
+        return out

@@ -1,0 +1,177 @@
+"""The tiny workflow on a real SLURM cluster, and checks of the cluster profiles.
+
+The cluster test needs the one-node CI cluster of `.ci/slurm/start.sh` and runs
+only when CXRFLOW_SLURM=1:
+
+    .ci/slurm/start.sh
+    CXRFLOW_SLURM=1 python -m pytest -s tests/slurm_check.py
+    .ci/slurm/stop.sh
+
+It runs the tiny config with `--profile profiles/slurm --profile profiles/ci-slurm`
+in a copy of the repository and asserts that every job ran as a SLURM job, that
+the training jobs got a GPU from SLURM and that the metrics table was written.
+It prints SLURM's own records of the run (squeue, scontrol, jobcomp lines).
+
+The profile checks need no cluster and always run.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = REPO / "profiles"
+# What a run of the workflow needs from the repository.
+WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "src", "envs", "resources", "profiles"]
+TINY_CONFIG = "config/tiny.yaml"
+METRICS_TABLE = "results/metrics.tsv"
+TRAIN_RULE = "train"
+# Jobs that Snakemake may run on the submit host: `all` only collects targets.
+LOCAL_RULES = {"all"}
+# The fake GPUs of .ci/slurm/gres.conf.in.
+FAKE_GPU_IDS = {"0", "1"}
+CLUSTER_KEYS = {"cores", "resources", "executor", "jobs", "default-resources", "set-resources", "set-threads"}
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+SLURM_PROFILES = ["--profile", "profiles/slurm", "--profile", "profiles/ci-slurm"]
+
+needs_cluster = pytest.mark.skipif(
+    os.environ.get("CXRFLOW_SLURM") != "1",
+    reason="needs the CI SLURM cluster: run .ci/slurm/start.sh, then set CXRFLOW_SLURM=1",
+)
+
+
+def load_profile(name):
+    return yaml.safe_load((PROFILES / name / "config.yaml").read_text())
+
+
+def run(args, cwd=None, timeout=60):
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+def copy_workflow(destination):
+    def skip(folder, names):
+        return {n for n in names if n in {"__pycache__", ".snakemake", "results", "logs"}}
+
+    for part in WORKFLOW_PARTS:
+        source = REPO / part
+        if source.is_dir():
+            shutil.copytree(source, destination / part, ignore=skip)
+        elif source.is_file():
+            shutil.copy2(source, destination / part)
+
+
+# --- profiles, no cluster needed ------------------------------------------------
+
+
+def test_default_profile_leaves_cluster_runs_alone():
+    # profiles/default is read on every run and wins key by key over --profile.
+    assert CLUSTER_KEYS.isdisjoint(load_profile("default"))
+
+
+def test_ci_overlay_repeats_slurm_defaults():
+    # A later --profile replaces whole top-level keys, so the overlay repeats
+    # default-resources; it may only add the partition.
+    slurm = load_profile("slurm")["default-resources"]
+    ci = dict(load_profile("ci-slurm")["default-resources"])
+    assert ci.pop("slurm_partition") == "ci"
+    assert ci == slurm
+
+
+def test_profiles_use_rules_that_exist():
+    if not (REPO / "Snakefile").exists():
+        pytest.skip("no Snakefile yet")
+    rules = set(run(SNAKEMAKE + ["--list-rules", "--configfile", TINY_CONFIG], cwd=REPO).split())
+    slurm = load_profile("slurm")
+    named = set(slurm.get("set-resources", {})) | set(slurm.get("set-threads", {}))
+    assert named <= rules, f"profiles/slurm names rules the workflow lacks: {sorted(named - rules)}"
+
+
+def test_cluster_profiles_parse():
+    if not (REPO / "Snakefile").exists():
+        pytest.skip("no Snakefile yet")
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    run(SNAKEMAKE + SLURM_PROFILES + ["--configfile", TINY_CONFIG, "--dry-run", "--quiet"], cwd=REPO)
+
+
+# --- the tiny workflow on SLURM ---------------------------------------------------
+
+
+def read_snakemake_log(text):
+    """Snakemake job id -> rule, and Snakemake job id -> SLURM job id."""
+    finished = {int(j): rule for j, rule in re.findall(r"Finished jobid: (\d+) \(Rule: (\S+)\)", text)}
+    submitted = {
+        int(j): slurm_id for j, slurm_id in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", text)
+    }
+    return finished, submitted
+
+
+def read_jobcomp(run_id):
+    """The jobcomp/filetxt lines of one workflow run: SLURM job id -> fields."""
+    config = run(["scontrol", "show", "config"])
+    path = Path(re.search(r"^JobCompLoc\s*=\s*(\S+)", config, re.MULTILINE).group(1))
+    lines = [line for line in path.read_text().splitlines() if f" Name={run_id} " in line]
+    return {dict(re.findall(r"(\w+)=(\S*)", line))["JobId"]: line for line in lines}
+
+
+@needs_cluster
+def test_tiny_workflow_runs_on_slurm(tmp_path):
+    workdir = tmp_path / "cxrflow"
+    workdir.mkdir()
+    copy_workflow(workdir)
+    result = subprocess.run(
+        SNAKEMAKE + SLURM_PROFILES + ["--configfile", TINY_CONFIG],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    log = result.stdout + result.stderr
+    if result.returncode != 0:
+        for slurm_log in sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log")):
+            print(f"----- {slurm_log} -----\n{slurm_log.read_text()[-3000:]}")
+    assert result.returncode == 0, log[-8000:]
+
+    run_id = re.search(r"SLURM run ID: (\S+)", log).group(1)
+    finished, submitted = read_snakemake_log(log)
+    jobcomp = read_jobcomp(run_id)
+    table = run(["squeue", "--states=all", f"--name={run_id}", "--Format=JobID:8,Comment:48,Partition:6,NodeList:10,tres-per-job:14,State:10"])
+    train_ids = [submitted[j] for j, rule in finished.items() if rule == TRAIN_RULE and j in submitted]
+    details = {slurm_id: run(["scontrol", "show", "job", "--details", slurm_id]) for slurm_id in train_ids}
+    print(f"\nSLURM run {run_id}: squeue --states=all\n{table}")
+    print("jobcomp/filetxt:\n" + "\n".join(jobcomp[i] for i in sorted(jobcomp, key=int)))
+    for slurm_id, text in details.items():
+        gres = [line.strip() for line in text.splitlines() if re.search(r"JobId=|Comment=|TresPerJob=|JOB_GRES=", line)]
+        print(f"scontrol show job -d {slurm_id}: " + " | ".join(gres))
+
+    # 1. Every job ran as a SLURM job, and SLURM recorded it as completed.
+    local = {rule for j, rule in finished.items() if j not in submitted}
+    assert local <= LOCAL_RULES, f"jobs ran outside SLURM: {sorted(local - LOCAL_RULES)}"
+    assert set(submitted) <= set(finished)
+    assert set(jobcomp) == set(submitted.values()), "SLURM's job records differ from Snakemake's submissions"
+    for line in jobcomp.values():
+        assert "JobState=COMPLETED" in line and f"WorkDir={workdir}" in line, line
+
+    # 2. The training jobs asked SLURM for a GPU (--gpus) and SLURM allocated one.
+    assert train_ids, f"no '{TRAIN_RULE}' job was submitted"
+    for slurm_id, text in details.items():
+        assert "TresPerJob=gres:gpu:1" in text, text
+        assert re.search(r"JOB_GRES=gpu:1\b", text), text
+    # Inside the job the model saw the device SLURM granted, not one of its own choosing.
+    metadata_files = sorted(workdir.glob("results/models/*/metadata.json"))
+    assert len(metadata_files) == len(train_ids), metadata_files
+    for metadata in metadata_files:
+        runtime = json.loads(metadata.read_text())["runtime"]
+        assert str(runtime["slurm_job_id"]) in train_ids, metadata
+        assert str(runtime["cuda_visible_devices"]) in FAKE_GPU_IDS, metadata
+
+    # 3. The metrics table was written.
+    metrics = workdir / METRICS_TABLE
+    assert metrics.is_file() and metrics.stat().st_size > 0, f"{METRICS_TABLE} missing or empty"

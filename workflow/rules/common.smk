@@ -1,0 +1,52 @@
+# Everything the rules look up: config validation, constants derived from config, input functions.
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+# The rules' scripts import the cxrflow package from src/ (also inside conda envs and cluster jobs,
+# which inherit this environment).
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
+
+from cxrflow.config_checks import check_config
+
+check_config(config, Path(workflow.basedir))
+
+PATHOLOGIES = sorted(config["cohorts"]["pathologies"])
+SHARDS = [f"{i:04d}" for i in range(config["preprocess"]["shards"])]
+
+
+wildcard_constraints:
+    pathology="|".join(PATHOLOGIES),
+    shard=r"\d{4}",
+
+
+def preprocess_shards(wildcards):
+    return {
+        "tables": expand("results/preprocess/shards/{shard}.parquet", shard=SHARDS),
+        "tensors": expand("results/tensors/shard_{shard}.npy", shard=SHARDS),
+    }
+
+
+def tensor_shards(wildcards):
+    return expand("results/tensors/shard_{shard}.npy", shard=SHARDS)
+
+
+def pathology_names():
+    return {p: config["cohorts"]["pathologies"][p].get("name", {}) for p in PATHOLOGIES}
+
+
+def training_settings(wildcards):
+    """Only what a model depends on: changing e.g. the bootstrap count must not retrain."""
+    return {key: config[key] for key in ("seed", "image", "model", "train", "evaluate")} | {
+        "cohorts": {
+            "pathologies": {
+                wildcards.pathology: config["cohorts"]["pathologies"][wildcards.pathology]
+            }
+        }
+    }

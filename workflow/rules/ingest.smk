@@ -1,0 +1,17 @@
+rule ingest:
+    input:
+        annotations=config["source"]["annotations"],
+        label_keys=config["labels"]["keys"],
+    output:
+        catalog="results/catalog.parquet",
+        ledger="results/ingest/ledger.csv",
+        summary="results/ingest/summary.json",
+    log:
+        "results/logs/ingest.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        source=config["source"],
+        privacy=config["privacy"],
+    script:
+        "../scripts/ingest.py"

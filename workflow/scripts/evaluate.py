@@ -1,0 +1,16 @@
+from cxrflow.cli import script
+from cxrflow.pipeline import run_evaluate
+
+with script(snakemake):
+    run_evaluate(
+        snakemake.input.model,
+        snakemake.input.metadata,
+        snakemake.input.manifest,
+        snakemake.input.index,
+        snakemake.input.tensors,
+        snakemake.params.config,
+        snakemake.wildcards.pathology,
+        snakemake.output.metrics,
+        snakemake.output.predictions,
+        snakemake.output.roc,
+    )

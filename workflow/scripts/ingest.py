@@ -1,0 +1,12 @@
+from cxrflow.cli import script
+from cxrflow.pipeline import run_ingest
+
+with script(snakemake):
+    run_ingest(
+        snakemake.params.source,
+        snakemake.input.label_keys,
+        snakemake.params.privacy,
+        snakemake.output.catalog,
+        snakemake.output.ledger,
+        snakemake.output.summary,
+    )
