@@ -113,12 +113,23 @@ def read_snakemake_log(text):
     return finished, submitted
 
 
-def read_jobcomp(run_id):
-    """The jobcomp/filetxt lines of one workflow run: SLURM job id -> fields."""
+def slurm_setting(name):
     config = run(["scontrol", "show", "config"])
-    path = Path(re.search(r"^JobCompLoc\s*=\s*(\S+)", config, re.MULTILINE).group(1))
-    lines = [line for line in path.read_text().splitlines() if f" Name={run_id} " in line]
-    return {dict(re.findall(r"(\w+)=(\S*)", line))["JobId"]: line for line in lines}
+    return re.search(rf"^{name}\s*=\s*(\S+)", config, re.MULTILINE).group(1)
+
+
+def read_job_lines(path, job_ids, containing=""):
+    """Lines of a `JobId=<id> key=value ...` file for the given jobs: id -> line."""
+    lines = {}
+    for line in Path(path).read_text().splitlines():
+        job_id = re.match(r"JobId=(\d+) ", line)
+        if job_id and job_id.group(1) in job_ids and containing in line:
+            lines[job_id.group(1)] = line
+    return lines
+
+
+def job_gpus(line):
+    return re.search(r"JobGpus=(\S*)", line).group(1)
 
 
 @needs_cluster
@@ -141,36 +152,43 @@ def test_tiny_workflow_runs_on_slurm(tmp_path):
 
     run_id = re.search(r"SLURM run ID: (\S+)", log).group(1)
     finished, submitted = read_snakemake_log(log)
-    jobcomp = read_jobcomp(run_id)
-    table = run(["squeue", "--states=all", f"--name={run_id}", "--Format=JobID:8,Comment:48,Partition:6,NodeList:10,tres-per-job:14,State:10"])
-    train_ids = [submitted[j] for j, rule in finished.items() if rule == TRAIN_RULE and j in submitted]
-    details = {slurm_id: run(["scontrol", "show", "job", "--details", slurm_id]) for slurm_id in train_ids}
+    slurm_ids = set(submitted.values())
+    train_ids = {submitted[j] for j, rule in finished.items() if rule == TRAIN_RULE and j in submitted}
+    # SLURM's own records: jobcomp/filetxt, and the GPU lines of .ci/slurm/epilog.sh.
+    jobcomp = read_job_lines(slurm_setting("JobCompLoc"), slurm_ids, containing=f" Name={run_id} ")
+    gpus = read_job_lines(Path(slurm_setting("Epilog")).parent.parent / "log" / "gpus.txt", slurm_ids)
+    table = run(["squeue", "--states=all", f"--name={run_id}",
+                 "--Format=JobID:8,Comment:48,Partition:6,NodeList:10,tres-per-job:14,State:10"])
+    details = {i: run(["scontrol", "show", "job", "--details", i]) for i in sorted(train_ids, key=int)}
     print(f"\nSLURM run {run_id}: squeue --states=all\n{table}")
     print("jobcomp/filetxt:\n" + "\n".join(jobcomp[i] for i in sorted(jobcomp, key=int)))
+    print("epilog (log/gpus.txt):\n" + "\n".join(gpus[i] for i in sorted(gpus, key=int)))
     for slurm_id, text in details.items():
-        gres = [line.strip() for line in text.splitlines() if re.search(r"JobId=|Comment=|TresPerJob=|JOB_GRES=", line)]
-        print(f"scontrol show job -d {slurm_id}: " + " | ".join(gres))
+        fields = re.findall(r"(?:JobId|Comment|TresPerJob|JOB_GRES)=\S+", text)
+        print(f"scontrol show job -d {slurm_id}: " + " ".join(fields))
 
     # 1. Every job ran as a SLURM job, and SLURM recorded it as completed.
     local = {rule for j, rule in finished.items() if j not in submitted}
     assert local <= LOCAL_RULES, f"jobs ran outside SLURM: {sorted(local - LOCAL_RULES)}"
     assert set(submitted) <= set(finished)
-    assert set(jobcomp) == set(submitted.values()), "SLURM's job records differ from Snakemake's submissions"
+    assert set(jobcomp) == slurm_ids, "SLURM's job records differ from Snakemake's submissions"
     for line in jobcomp.values():
         assert "JobState=COMPLETED" in line and f"WorkDir={workdir}" in line, line
 
-    # 2. The training jobs asked SLURM for a GPU (--gpus) and SLURM allocated one.
+    # 2. The training jobs asked SLURM for a GPU (--gpus) and SLURM gave them one.
     assert train_ids, f"no '{TRAIN_RULE}' job was submitted"
     for slurm_id, text in details.items():
         assert "TresPerJob=gres:gpu:1" in text, text
         assert re.search(r"JOB_GRES=gpu:1\b", text), text
-    # Inside the job the model saw the device SLURM granted, not one of its own choosing.
+        assert job_gpus(gpus[slurm_id]) in FAKE_GPU_IDS, gpus[slurm_id]
+    # Inside the job, training used the device SLURM granted, not one of its own choosing.
     metadata_files = sorted(workdir.glob("results/models/*/metadata.json"))
     assert len(metadata_files) == len(train_ids), metadata_files
     for metadata in metadata_files:
         runtime = json.loads(metadata.read_text())["runtime"]
-        assert str(runtime["slurm_job_id"]) in train_ids, metadata
-        assert str(runtime["cuda_visible_devices"]) in FAKE_GPU_IDS, metadata
+        slurm_id = str(runtime["slurm_job_id"])
+        assert slurm_id in train_ids, metadata
+        assert str(runtime["cuda_visible_devices"]) == job_gpus(gpus[slurm_id]), (metadata, gpus[slurm_id])
 
     # 3. The metrics table was written.
     metrics = workdir / METRICS_TABLE

@@ -101,6 +101,10 @@ write_config() {
     ln -sfn /dev/null "$state/fakegpu/nvidia1"
     render "$here/slurm.conf.in" >"$state/etc/slurm.conf"
     render "$here/gres.conf.in" >"$state/etc/gres.conf"
+    install -m 0755 "$here/epilog.sh" "$state/etc/epilog.sh"
+    # slurmctld -c numbers jobs from 1 again, so old job records would clash.
+    : >"$state/log/jobcomp.txt"
+    : >"$state/log/gpus.txt"
     local name target
     for name in slurm.conf gres.conf; do
         target=$etc/$name
@@ -146,10 +150,14 @@ cluster_up() {
         [[ $(node_state) =~ ^(idle|mixed|allocated)$ ]]
 }
 
+config_unchanged() {
+    cmp -s <(render "$here/slurm.conf.in") "$state/etc/slurm.conf" &&
+        cmp -s <(render "$here/gres.conf.in") "$state/etc/gres.conf" &&
+        cmp -s "$here/epilog.sh" "$state/etc/epilog.sh"
+}
+
 install_packages
-mkdir -p "$state/etc"
-if cluster_up && cmp -s <(render "$here/slurm.conf.in") "$state/etc/slurm.conf" &&
-    cmp -s <(render "$here/gres.conf.in") "$state/etc/gres.conf"; then
+if cluster_up && config_unchanged; then
     log "cluster already up: node $host is $(node_state)"
     exit 0
 fi
