@@ -102,7 +102,7 @@ write_config() {
     render "$here/slurm.conf.in" >"$state/etc/slurm.conf"
     render "$here/gres.conf.in" >"$state/etc/gres.conf"
     install -m 0755 "$here/epilog.sh" "$state/etc/epilog.sh"
-    # slurmctld -c numbers jobs from 1 again, so old job records would clash.
+    # Each start begins with empty job records, as slurmctld -c begins with no jobs.
     : >"$state/log/jobcomp.txt"
     : >"$state/log/gpus.txt"
     local name target
