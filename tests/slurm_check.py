@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "profiles"
-# What a run of the workflow needs from the repository.
-WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "src", "envs", "resources", "profiles"]
 TINY_CONFIG = "config/tiny.yaml"
-METRICS_TABLE = "results/metrics.tsv"
+METRICS_TABLE = "results/metrics_table.csv"
 TRAIN_RULE = "train"
 # Jobs that Snakemake may run on the submit host: `all` only collects targets.
 LOCAL_RULES = {"all"}
@@ -41,11 +40,6 @@ CLUSTER_KEYS = {"cores", "resources", "executor", "jobs", "default-resources", "
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 SLURM_PROFILES = ["--profile", "profiles/slurm", "--profile", "profiles/ci-slurm"]
-
-needs_cluster = pytest.mark.skipif(
-    os.environ.get("CXRFLOW_SLURM") != "1",
-    reason="needs the CI SLURM cluster: run .ci/slurm/start.sh, then set CXRFLOW_SLURM=1",
-)
 
 
 def load_profile(name):
@@ -57,15 +51,21 @@ def run(args, cwd=None, timeout=60):
 
 
 def copy_workflow(destination):
-    def skip(folder, names):
-        return {n for n in names if n in {"__pycache__", ".snakemake", "results", "logs"}}
+    """Copy the working tree without .git and without what .gitignore leaves out (results, data, caches)."""
+    gitignore = REPO / ".gitignore"
+    lines = gitignore.read_text().splitlines() if gitignore.exists() else []
+    patterns = [line.strip().strip("/") for line in lines if line.strip() and not line.startswith("#")]
 
-    for part in WORKFLOW_PARTS:
-        source = REPO / part
-        if source.is_dir():
-            shutil.copytree(source, destination / part, ignore=skip)
-        elif source.is_file():
-            shutil.copy2(source, destination / part)
+    def ignored(folder, names):
+        skip = set()
+        for name in names:
+            relative = (Path(folder) / name).relative_to(REPO).as_posix()
+            for pattern in patterns:
+                if relative == pattern or ("/" not in pattern and fnmatch(name, pattern)):
+                    skip.add(name)
+        return skip | ({".git"} if Path(folder) == REPO else set())
+
+    shutil.copytree(REPO, destination, ignore=ignored, symlinks=True)
 
 
 # --- profiles, no cluster needed ------------------------------------------------
@@ -94,11 +94,12 @@ def test_profiles_use_rules_that_exist():
     assert named <= rules, f"profiles/slurm names rules the workflow lacks: {sorted(named - rules)}"
 
 
-def test_cluster_profiles_parse():
+def test_cluster_profiles_parse(tmp_path):
     if not (REPO / "Snakefile").exists():
         pytest.skip("no Snakefile yet")
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    run(SNAKEMAKE + SLURM_PROFILES + ["--configfile", TINY_CONFIG, "--dry-run", "--quiet"], cwd=REPO)
+    copy_workflow(tmp_path / "cxrflow")
+    run(SNAKEMAKE + SLURM_PROFILES + ["--configfile", TINY_CONFIG, "--dry-run", "--quiet"], cwd=tmp_path / "cxrflow")
 
 
 # --- the tiny workflow on SLURM ---------------------------------------------------
@@ -132,10 +133,13 @@ def job_gpus(line):
     return re.search(r"JobGpus=(\S*)", line).group(1)
 
 
-@needs_cluster
-def test_tiny_workflow_runs_on_slurm(tmp_path):
+@pytest.mark.slurm
+@pytest.mark.skipif(
+    os.environ.get("CXRFLOW_SLURM") != "1",
+    reason="needs the CI SLURM cluster: run .ci/slurm/start.sh, then set CXRFLOW_SLURM=1",
+)
+def test_tiny_workflow_runs_on_slurm(tmp_path, capsys):
     workdir = tmp_path / "cxrflow"
-    workdir.mkdir()
     copy_workflow(workdir)
     result = subprocess.run(
         SNAKEMAKE + SLURM_PROFILES + ["--configfile", TINY_CONFIG],
@@ -146,8 +150,9 @@ def test_tiny_workflow_runs_on_slurm(tmp_path):
     )
     log = result.stdout + result.stderr
     if result.returncode != 0:
-        for slurm_log in sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log")):
-            print(f"----- {slurm_log} -----\n{slurm_log.read_text()[-3000:]}")
+        with capsys.disabled():
+            for slurm_log in sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log")):
+                print(f"----- {slurm_log} -----\n{slurm_log.read_text()[-3000:]}")
     assert result.returncode == 0, log[-8000:]
 
     run_id = re.search(r"SLURM run ID: (\S+)", log).group(1)
@@ -160,12 +165,13 @@ def test_tiny_workflow_runs_on_slurm(tmp_path):
     table = run(["squeue", "--states=all", f"--name={run_id}",
                  "--Format=JobID:8,Comment:48,Partition:6,NodeList:10,tres-per-job:14,State:10"])
     details = {i: run(["scontrol", "show", "job", "--details", i]) for i in sorted(train_ids, key=int)}
-    print(f"\nSLURM run {run_id}: squeue --states=all\n{table}")
-    print("jobcomp/filetxt:\n" + "\n".join(jobcomp[i] for i in sorted(jobcomp, key=int)))
-    print("epilog (log/gpus.txt):\n" + "\n".join(gpus[i] for i in sorted(gpus, key=int)))
-    for slurm_id, text in details.items():
-        fields = re.findall(r"(?:JobId|Comment|TresPerJob|JOB_GRES)=\S+", text)
-        print(f"scontrol show job -d {slurm_id}: " + " ".join(fields))
+    with capsys.disabled():  # the evidence belongs in the CI log, whatever pytest's -q/-s
+        print(f"\nSLURM run {run_id}: squeue --states=all\n{table}")
+        print("jobcomp/filetxt:\n" + "\n".join(jobcomp[i] for i in sorted(jobcomp, key=int)))
+        print("epilog (log/gpus.txt):\n" + "\n".join(gpus[i] for i in sorted(gpus, key=int)))
+        for slurm_id, text in details.items():
+            fields = re.findall(r"(?:JobId|Comment|TresPerJob|JOB_GRES)=\S+", text)
+            print(f"scontrol show job -d {slurm_id}: " + " ".join(fields))
 
     # 1. Every job ran as a SLURM job, and SLURM recorded it as completed.
     local = {rule for j, rule in finished.items() if j not in submitted}

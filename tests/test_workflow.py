@@ -18,6 +18,7 @@ COPIED = ["Snakefile", "workflow", "config", "src", "envs", "profiles"]
 
 
 def copy_repo(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         source = ROOT / name
         if source.is_dir():
@@ -28,7 +29,8 @@ def copy_repo(dest: Path) -> Path:
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([SNAKEMAKE, "--cores", "2", "--configfile", "config/tiny.yaml", *args], cwd=workdir,
+    # Arguments first: --configfile takes several values and would swallow a target after it.
+    result = subprocess.run([SNAKEMAKE, *args, "--cores", "2", "--configfile", "config/tiny.yaml"], cwd=workdir,
                             capture_output=True, text=True, timeout=1200)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

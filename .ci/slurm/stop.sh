@@ -3,7 +3,8 @@
 #
 # Jobs still queued or running are cancelled first, then slurmd, slurmctld and
 # (if start.sh started it) munged are stopped by the pids in their pid files.
-# Logs and the job completion file stay in $CXRFLOW_SLURM_DIR for the CI log.
+# The links /etc/slurm/{slurm,gres}.conf go; logs and job records stay in
+# $CXRFLOW_SLURM_DIR for the CI log.
 # Exits 0 when nothing is running; exits 1 if a daemon survives SIGKILL.
 set -euo pipefail
 
@@ -65,4 +66,11 @@ if [[ -e $state/run/munged.ours ]]; then
     stop_daemon /run/munge/munged.pid munged || status=1
     [[ $status -ne 0 ]] || rm -f "$state/run/munged.ours"
 fi
+# With a slurm.conf but no controller, every SLURM command, and so every start
+# of Snakemake (its SLURM plugin asks scontrol), waits ~9 s for a timeout.
+for name in slurm.conf gres.conf; do
+    if [[ -L /etc/slurm/$name && $(readlink "/etc/slurm/$name") == "$state/etc/$name" ]]; then
+        rm -f "/etc/slurm/$name"
+    fi
+done
 exit "$status"

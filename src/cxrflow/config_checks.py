@@ -9,6 +9,24 @@ import yaml
 from cxrflow.errors import CxrflowError
 
 
+def schema_errors(config: dict, schema_file: Path) -> None:
+    """Validate against the JSON schema; the first error becomes one line naming the key (no 40-line dump)."""
+    from jsonschema import Draft202012Validator
+
+    schema = yaml.safe_load(Path(schema_file).read_text(encoding="utf-8"))
+    errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    error = errors[0]
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        raise CxrflowError(f"config {key}: {error.message}; allowed keys: {allowed}")
+    if error.validator == "enum":
+        raise CxrflowError(f"config {key}: {error.instance!r} is not allowed; choose one of {error.validator_value}")
+    raise CxrflowError(f"config {key}: {error.message}")
+
+
 def check_config(config: dict, base: Path) -> None:
     keys_file = base / config["labels"]["keys"]
     if not keys_file.is_file():

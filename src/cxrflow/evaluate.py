@@ -84,3 +84,51 @@ def plot_roc_pr(predictions: pd.DataFrame, title: str, out_path) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
+
+
+def plot_confusion(metrics: dict, title: str, out_path) -> None:
+    """The test split's confusion matrices at the validation-chosen threshold and at 0.5, counts written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(f"Youden threshold {metrics['threshold']:.2f}", metrics["confusion_matrix"]),
+              ("threshold 0.50", metrics["at_0.5"]["confusion_matrix"])]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    for ax, (name, matrix) in zip(axes, panels):
+        matrix = np.asarray(matrix)
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, matrix.max()))
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=12,
+                    color="white" if count > matrix.max() / 2 else "black")
+        ax.set_xticks([0, 1], ["predicted no", "predicted yes"])
+        ax.set_yticks([0, 1], ["no finding", "finding"])
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(f"{title}: confusion matrices on the test split ({metrics['n_test']} images)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(history: pd.DataFrame, best_epoch: int, title: str, out_path) -> None:
+    """Training loss and validation AUC per epoch; the epoch whose weights were kept is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = history["epoch"] + 1
+    fig, ax_loss = plt.subplots(figsize=(6, 3.8))
+    ax_loss.plot(epochs, history["train_loss"], "o-", color="tab:blue", label="training loss")
+    ax_loss.set(xlabel="epoch", ylabel="training loss (weighted BCE)")
+    ax_auc = ax_loss.twinx()
+    ax_auc.plot(epochs, history["val_auc"], "s-", color="tab:orange", label="validation AUC")
+    ax_auc.set(ylabel="validation AUC", ylim=(min(0.4, float(history["val_auc"].min()) - 0.02), 1.01))
+    ax_loss.axvline(best_epoch + 1, color="0.3", ls=":", label=f"kept: epoch {best_epoch + 1}")
+    handles = ax_loss.get_legend_handles_labels()[0] + ax_auc.get_legend_handles_labels()[0]
+    ax_loss.legend(handles=handles, loc="center right", fontsize=8)
+    ax_loss.set_title(f"{title}: training curves", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)

@@ -1,15 +1,25 @@
-"""Ingest: one source (a free-text archive or a public dataset's table) -> one catalog row per image + a ledger.
+"""Ingest: one source (a free-text archive, a DICOM folder or a public dataset's tables) -> one catalog row per
+image + a ledger of every input row that did not become one.
 
-Every source adapter returns the same frame: image_id, patient_id, sex, age, view, path, text, and one
-1/0/missing column per canonical label key. What the adapters have in common (duplicate ids, missing files,
-missing patients, sex conflicts, pseudonymization, the ledger) happens once, in `build_catalog`.
+`source.format` picks one adapter per format. Every adapter returns the same frame: the columns of
+`CATALOG_COLUMNS` and one 1/0/missing column per canonical label key, plus optionally `_reason`/`_detail` for
+rows the adapter itself has to refuse (a file that is not DICOM, a PadChest label list that does not parse).
+What the adapters have in common (missing ids, duplicate ids, missing files, sex conflicts, pseudonymization,
+the ledger, the counts) happens once, in `build_catalog`.
+
+Every step works on whole columns. Anything that needs Python per value (parsing an age, a date, a label
+list, a free-text note, hashing a patient id) runs once per *distinct* value and is spread back to the rows
+with `take`, so a two-million-row archive costs about as much as its distinct values.
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import os
 import re
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +27,30 @@ import pandas as pd
 import yaml
 
 from cxrflow.errors import CxrflowError
-from cxrflow.labels import label_texts, load_keys, load_vocabulary
+from cxrflow.labels import AFFIRMED, NEGATED, UNCERTAIN, UNMENTIONED, label_texts, load_keys, load_vocabulary
 from cxrflow.privacy import pseudonym_key, pseudonymize
 
-CATALOG_COLUMNS = ["image_id", "patient_id", "sex", "age", "view", "path", "text"]
-LEDGER_COLUMNS = ["stage", "item", "reason", "detail"]
+CATALOG_COLUMNS = ["image_id", "patient_id", "sex", "age", "view", "study_date", "path", "text"]
+LEDGER_COLUMNS = ["stage", "source", "item", "reason", "detail"]
+FORMATS = ("freetext", "dicom", "nih", "chexpert", "padchest", "vindr", "mimic")
 
 SEX_VALUES = {
     "F": {"f", "female", "w", "woman", "ж", "жен", "женский", "женщина", "2"},
     "M": {"m", "male", "man", "м", "муж", "мужской", "мужчина", "1"},
 }
+# Written down as "not known": missing, but not an unrecognized value worth reporting.
+UNKNOWN_VALUES = {"", "u", "o", "unknown", "other", "-", "?", "n/a", "na", "none", "нет данных", "неизвестно"}
+VIEW_SYNONYMS = {
+    "POSTEROANTERIOR": "PA", "ANTEROPOSTERIOR": "AP", "LATERAL": "LAT", "LL": "LAT", "RL": "LAT", "L": "LAT",
+    "XTABLE LATERAL": "LAT", "LLAT": "LAT", "RLAT": "LAT",
+}  # fmt: skip
+# Tried in order when source.date_format is not given; day-first only with dots (the Russian way), so that
+# 01/02/2020 is never guessed.
+DATE_FORMATS = ("%Y-%m-%d", "%Y%m%d", "%d.%m.%Y", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%d.%m.%Y %H:%M",
+                "%d.%m.%Y %H:%M:%S", "%Y.%m.%d")
+# Three UTF-8 multi-byte characters in a row: text that a one-byte codec (cp1251, latin-1) would garble.
+_UTF8_RUN = re.compile(rb"(?:[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}){3}")
+_PIXEL_TAGS = {b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\x7f\xe0\x00\x10"}
 
 
 @dataclass
@@ -36,10 +60,31 @@ class Ingested:
     summary: dict
 
 
-def ledger_rows(items, reason: str, detail="", stage: str = "ingest") -> pd.DataFrame:
+@dataclass
+class Report:
+    """What an adapter tells `build_catalog` beyond the frame: input rows that are not images (so that they
+    reach the ledger without counting as images left out), values it could not read, and plain facts."""
+
+    source: str
+    ledger: list = field(default_factory=list)
+    unrecognized: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
+    line_numbers: bool = False  # frame row i is line i + 2 of the table (header + 1-based)
+
+    def unmatched(self, items, reason: str, detail="") -> None:
+        self.ledger.append(ledger_rows(items, reason, detail, source=self.source))
+
+
+def ledger_rows(items, reason, detail="", stage: str = "ingest", source: str = "") -> pd.DataFrame:
     items = pd.Series(items, dtype="string").reset_index(drop=True)
-    detail = pd.Series(detail, index=items.index, dtype="string") if np.isscalar(detail) else pd.Series(detail, dtype="string").reset_index(drop=True)
-    return pd.DataFrame({"stage": stage, "item": items, "reason": reason, "detail": detail}, columns=LEDGER_COLUMNS)
+
+    def column(value):
+        if isinstance(value, (pd.Series, np.ndarray, list)):
+            return pd.Series(value, dtype="string").reset_index(drop=True)
+        return pd.Series(value, index=items.index, dtype="string")
+
+    return pd.DataFrame({"stage": stage, "source": source, "item": items, "reason": column(reason),
+                         "detail": column(detail)}, columns=LEDGER_COLUMNS)
 
 
 # --- reading tables -------------------------------------------------------------------------------------------
@@ -53,56 +98,166 @@ def detect_encoding(raw: bytes, path: Path) -> str:
         return "utf-8"
     except UnicodeDecodeError as err:
         utf8_error = err
-    text = raw.decode("cp1251", errors="replace")
-    letters = [c for c in text if c.isalpha()]
-    cyrillic = sum("\u0400" <= c <= "\u04ff" for c in letters)
-    if letters and cyrillic / len(letters) > 0.3 and "\ufffd" not in text:
-        return "cp1251"
-    raise CxrflowError(
-        f"{path}: text is neither UTF-8 (byte {utf8_error.start}: {utf8_error.reason}) nor Windows-1251 Russian; "
-        "set source.encoding in the config"
-    )
+    _check_cp1251(raw, path, utf8_error)
+    return "cp1251"
+
+
+def _line_of(raw: bytes, offset: int) -> int:
+    return raw.count(b"\n", 0, offset) + 1
+
+
+def _check_cp1251(raw: bytes, path: Path, utf8_error: UnicodeDecodeError) -> str:
+    """Decode bytes that are not UTF-8 as Windows-1251, only when the result is plainly Russian text."""
+    where = f"line {_line_of(raw, utf8_error.start)}, byte {utf8_error.start}"
+    refuse = (f"{path}: text is neither UTF-8 ({where}: {utf8_error.reason}) nor Windows-1251 Russian; "
+              "set source.encoding in the config")
+    try:
+        text = raw.decode("cp1251")
+    except UnicodeDecodeError:
+        raise CxrflowError(refuse) from None
+    sample = text[:2_000_000]
+    letters = len(re.findall(r"[^\W\d_]", sample))
+    cyrillic = len(re.findall("[\u0400-\u04ff]", sample))
+    if not letters or cyrillic / letters <= 0.3:
+        raise CxrflowError(refuse)
+    mixed = _UTF8_RUN.search(raw)
+    if mixed:
+        raise CxrflowError(
+            f"{path}: the file mixes encodings: {where} is not UTF-8, but line {_line_of(raw, mixed.start())} is "
+            f"UTF-8 text; reading either way would garble the other. Re-save the file in one encoding")
+    return text
+
+
+def _as_utf8(raw: bytes, path: Path, encoding: str) -> tuple[bytes, str]:
+    """The table's bytes as UTF-8, and the encoding they were read from. Never returns mojibake silently."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        if encoding not in ("auto", "utf-8", "utf8", "utf-8-sig"):
+            raise CxrflowError(f"{path}: the file starts with a UTF-8 byte-order mark but source.encoding is "
+                               f"{encoding!r}; set source.encoding: auto")
+        return raw[3:], "utf-8-sig"
+    if encoding in ("auto", "utf-8", "utf8"):
+        return raw, "utf-8"  # pyarrow validates UTF-8 as it parses; a failure comes back to `_utf8_failed`
+    try:
+        text = raw.decode(encoding)
+    except LookupError:
+        raise CxrflowError(f"{path}: source.encoding={encoding!r} is not a known codec") from None
+    except UnicodeDecodeError as err:
+        raise CxrflowError(f"{path}: cannot decode as source.encoding={encoding!r}: line {_line_of(raw, err.start)}: "
+                           f"{err.reason}") from None
+    utf8 = _UTF8_RUN.search(raw)
+    if utf8 and encoding.replace("_", "-").lower() not in ("utf-16", "utf-32"):
+        raise CxrflowError(f"{path}: line {_line_of(raw, utf8.start())} is UTF-8 text, but source.encoding is "
+                           f"{encoding!r}: reading it so would produce mojibake. Set source.encoding: auto")
+    return text.encode("utf-8"), encoding
+
+
+def _parse_csv(data: bytes, path: Path, sep: str) -> pd.DataFrame:
+    """Parse UTF-8 CSV bytes into string columns (pd.NA for empty cells) with pyarrow, several times faster
+    than pandas' own parser on large tables; every column stays text, so '007' keeps its zeros."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True)
+    header = pacsv.read_csv(io.BytesIO(data.split(b"\n", 1)[0] + b"\n"), parse_options=parse,
+                            read_options=pacsv.ReadOptions(autogenerate_column_names=True)).to_pylist()
+    names = [str(v).strip() for v in header[0].values()] if header else []
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise CxrflowError(f"{path}: column name(s) {duplicated} appear more than once in the header")
+    bad_rows = []
+
+    def remember(row):
+        bad_rows.append(row)
+        return "error"
+
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=16 << 20),
+            parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=remember),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, null_values=[""],
+                                                 strings_can_be_null=True, quoted_strings_can_be_null=True))
+    except pa.ArrowInvalid as err:
+        message = str(err)
+        if "invalid UTF8" in message:
+            raise _Utf8Error from None
+        if bad_rows:
+            row = bad_rows[0]
+            offset = data.find(row.text.encode("utf-8")) if row.text else -1
+            line = f"line {_line_of(data, offset)}" if offset >= 0 else "a row"
+            raise CxrflowError(f"{path}: {line} has {row.actual_columns} fields, the header has {row.expected_columns}: "
+                               f"{row.text[:120]!r}") from None
+        raise CxrflowError(f"{path}: cannot read the table: {message}") from None
+    frame = table.to_pandas(types_mapper={pa.string(): pd.StringDtype("pyarrow")}.get)
+    return frame
+
+
+class _Utf8Error(Exception):
+    pass
 
 
 def read_table(path: str | Path, encoding: str = "auto", sep: str | None = None) -> pd.DataFrame:
-    """Read a CSV, TSV (optionally gzipped) or Excel table as strings, with a clear error for every failure."""
+    """Read a CSV, TSV (optionally gzipped) or Excel table as string columns, with a clear error for every
+    failure. Text is UTF-8 or Windows-1251 (detected), or the codec that source.encoding names."""
     path = Path(path)
     if not path.is_file():
-        raise CxrflowError(f"{path}: annotation table not found")
+        raise CxrflowError(f"{path}: table not found")
     suffixes = [s.lower() for s in path.suffixes]
-    try:
-        if suffixes and suffixes[-1] in {".xlsx", ".xls"}:
-            table = pd.read_excel(path, dtype=str)
-        else:
-            raw = path.read_bytes()
-            if suffixes and suffixes[-1] == ".gz":
-                import gzip
+    if suffixes and suffixes[-1] in {".xlsx", ".xlsm", ".xls", ".ods"}:
+        table = _read_excel(path)
+    else:
+        raw = path.read_bytes()
+        if suffixes and suffixes[-1] == ".gz":
+            import gzip
+            import zlib
 
+            try:
                 raw = gzip.decompress(raw)
-                suffixes = suffixes[:-1]
-            if not raw.strip():
-                raise CxrflowError(f"{path}: the table is empty")
-            if encoding == "auto":
-                encoding = detect_encoding(raw, path)
-            else:
+            except (OSError, EOFError, zlib.error) as err:
+                raise CxrflowError(f"{path}: not a readable gzip file: {err}") from None
+            suffixes = suffixes[:-1]
+        if not raw.strip():
+            raise CxrflowError(f"{path}: the table is empty")
+        if sep is None:
+            sep = "\t" if suffixes and suffixes[-1] in {".tsv", ".tab"} else ","
+        data, used = _as_utf8(raw, path, encoding)
+        try:
+            table = _parse_csv(data, path, sep)
+        except _Utf8Error:
+            if encoding != "auto" or used != "utf-8":
                 try:
-                    raw.decode(encoding)
-                except (UnicodeDecodeError, LookupError) as err:
-                    raise CxrflowError(f"{path}: cannot decode as source.encoding={encoding!r}: {err}") from None
-            if sep is None:
-                sep = "\t" if suffixes and suffixes[-1] in {".tsv", ".tab"} else ","
-            import io
-
-            table = pd.read_csv(io.BytesIO(raw), sep=sep, dtype=str, encoding=encoding, keep_default_na=False,
-                                na_values=[""], engine="c")
-    except CxrflowError:
-        raise
-    except Exception as err:  # pandas raises many types for malformed tables
-        raise CxrflowError(f"{path}: cannot read the table: {err}") from None
+                    raw.decode("utf-8")
+                    detail = "the text is not valid UTF-8"
+                except UnicodeDecodeError as err:
+                    detail = f"line {_line_of(raw, err.start)}: {err.reason}"
+                raise CxrflowError(f"{path}: cannot decode as UTF-8 ({detail}); set source.encoding") from None
+            try:
+                raw.decode("utf-8")
+                raise CxrflowError(f"{path}: pyarrow refused the text as UTF-8; set source.encoding")
+            except UnicodeDecodeError as err:
+                text = _check_cp1251(raw, path, err)
+            del raw
+            table = _parse_csv(text.encode("utf-8"), path, sep)
     if table.empty:
         raise CxrflowError(f"{path}: the table has a header but no rows")
     table.columns = [str(c).strip() for c in table.columns]
     return table
+
+
+def _read_excel(path: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_excel(path, dtype=str)
+    except ImportError as err:
+        raise CxrflowError(f"{path}: reading this spreadsheet needs a package that is not installed: {err}") from None
+    except Exception as err:  # noqa: BLE001 - openpyxl/xlrd raise many types for a damaged file
+        raise CxrflowError(f"{path}: cannot read the spreadsheet: {type(err).__name__}: {err}") from None
+    if table.columns.empty:
+        raise CxrflowError(f"{path}: the table is empty")
+    names = [str(c).strip() for c in table.columns]
+    duplicated = sorted({n for n in names if names.count(n) > 1 or re.fullmatch(r".+\.\d+", n) and n.rsplit(".", 1)[0] in names})
+    if duplicated:
+        raise CxrflowError(f"{path}: column name(s) {duplicated} appear more than once in the header")
+    return table.astype("string")
 
 
 def require_columns(table: pd.DataFrame, columns, path) -> None:
@@ -111,112 +266,421 @@ def require_columns(table: pd.DataFrame, columns, path) -> None:
         raise CxrflowError(f"{path}: missing required column(s) {missing}; the table has {list(table.columns)}")
 
 
-# --- normalizing demographic fields -------------------------------------------------------------------------------
-
-def normalize_sex(values: pd.Series) -> pd.Series:
-    lowered = values.astype("string").str.strip().str.lower()
-    out = pd.Series(pd.NA, index=values.index, dtype="string")
-    for code, spellings in SEX_VALUES.items():
-        out = out.mask(lowered.isin(spellings), code)
-    return out
+def require_keys(source: dict, names, fmt: str) -> None:
+    missing = [n for n in names if not source.get(n)]
+    if missing:
+        raise CxrflowError(f"source.{missing[0]}: required for source.format {fmt}")
 
 
-def normalize_age(values: pd.Series) -> pd.Series:
-    """Ages in years from numbers or DICOM age strings ('065Y', '018M', '003W', '010D')."""
-    text = values.astype("string").str.strip().str.upper()
-    parts = text.str.extract(r"^(\d+(?:\.\d+)?)\s*([YMWD]?)$")
-    number = pd.to_numeric(parts[0], errors="coerce")
-    divisor = parts[1].map({"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}).astype("float")
-    years = np.floor(number / divisor)
-    years = years.where((years >= 0) & (years <= 130))
-    return years.astype("Int16")
+# --- normalizing demographic fields, once per distinct value ----------------------------------------------------
+
+def per_distinct(values: pd.Series, normalize) -> pd.Series:
+    """Apply `normalize` (Series of distinct values -> Series of results) once per distinct value."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    result = normalize(pd.Series(uniques, dtype=values.dtype if len(uniques) else "string")).reset_index(drop=True)
+    return pd.Series(result.array.take(codes, allow_fill=True), index=values.index, name=values.name)
 
 
-def normalize_view(values: pd.Series) -> pd.Series:
-    view = values.astype("string").str.strip().str.upper()
-    return view.replace({"POSTEROANTERIOR": "PA", "ANTEROPOSTERIOR": "AP", "LATERAL": "LAT", "LL": "LAT", "RL": "LAT", "L": "LAT"})
+def _unrecognized(raw: pd.Series, parsed: pd.Series, report: Report | None, name: str) -> pd.Series:
+    """Count values that were written but could not be read, so that no field turns missing unnoticed."""
+    if report is None:
+        return parsed
+    text = raw.astype("string").str.strip()
+    bad = parsed.isna() & text.notna() & ~text.str.lower().isin(UNKNOWN_VALUES)
+    if bad.any():
+        counts = text[bad].value_counts()
+        entry = report.unrecognized.setdefault(name, {"rows": 0, "examples": {}})
+        entry["rows"] += int(counts.sum())
+        entry["examples"].update({str(k): int(v) for k, v in counts.head(5).items()})
+    return parsed
 
 
-# --- adapters ------------------------------------------------------------------------------------------------
+def normalize_sex(values: pd.Series, report: Report | None = None) -> pd.Series:
+    def distinct(uniques: pd.Series) -> pd.Series:
+        lowered = uniques.astype("string").str.strip().str.lower().str.rstrip(".")
+        out = pd.Series(pd.NA, index=uniques.index, dtype="string")
+        for code, spellings in SEX_VALUES.items():
+            out = out.mask(lowered.isin(spellings), code)
+        return _unrecognized(uniques, out, report, "sex")
 
-def adapt_freetext(source: dict, keys: list[str], base: Path) -> pd.DataFrame:
+    return per_distinct(values.astype("string"), distinct)
+
+
+def normalize_age(values: pd.Series, report: Report | None = None) -> pd.Series:
+    """Ages in whole years from numbers or DICOM age strings ('065Y', '018M', '003W', '010D')."""
+
+    def distinct(uniques: pd.Series) -> pd.Series:
+        text = uniques.astype("string").str.strip().str.upper()
+        parts = text.str.extract(r"^(\d+(?:[.,]\d+)?)\s*([YMWD]?)$")
+        number = pd.to_numeric(parts[0].str.replace(",", "."), errors="coerce")
+        divisor = parts[1].map({"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}).astype("float")
+        years = np.floor(number / divisor)
+        years = years.where((years >= 0) & (years <= 130)).astype("Int16")
+        return _unrecognized(uniques, years, report, "age")
+
+    return per_distinct(values.astype("string"), distinct)
+
+
+def normalize_view(values: pd.Series, report: Report | None = None) -> pd.Series:
+    def distinct(uniques: pd.Series) -> pd.Series:
+        view = uniques.astype("string").str.strip().str.upper().str.replace(r"\s+", " ", regex=True)
+        return view.replace(VIEW_SYNONYMS).replace("", pd.NA)
+
+    return per_distinct(values.astype("string"), distinct)
+
+
+def normalize_date(values: pd.Series, date_format: str | None = None, report: Report | None = None) -> pd.Series:
+    """Study dates (day resolution). Without `date_format` a few unambiguous layouts are tried in turn."""
+
+    def distinct(uniques: pd.Series) -> pd.Series:
+        text = uniques.astype("string").str.strip()
+        out = pd.Series(pd.NaT, index=uniques.index, dtype="datetime64[s]")
+        for fmt in [date_format] if date_format else DATE_FORMATS:
+            todo = out.isna() & text.notna()
+            if not todo.any():
+                break
+            parsed = pd.to_datetime(text[todo].astype(object), format=fmt, errors="coerce")
+            out[todo] = parsed.dt.floor("D").astype("datetime64[s]")
+        return _unrecognized(uniques, out, report, "study_date")
+
+    return per_distinct(values.astype("string"), distinct)
+
+
+def _strings(values) -> pd.Series:
+    return pd.Series(values, dtype="string").str.strip().replace("", pd.NA)
+
+
+def _missing(index) -> pd.Series:
+    return pd.Series(pd.NA, index=index, dtype="string")
+
+
+# --- labels from native label sets ------------------------------------------------------------------------------
+
+def load_mapping(source: dict, base: Path, keys: list[str]) -> dict:
+    """The dataset's native label -> canonical key map, from the YAML file that source.label_map names."""
+    if not source.get("label_map"):
+        raise CxrflowError(f"source.label_map: required for source.format {source.get('format')}")
+    path = base / source["label_map"]
+    if not path.is_file():
+        raise CxrflowError(f"source.label_map: no such file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise CxrflowError(f"{path}: not valid YAML: {err}") from None
+    mapping = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(mapping, dict):
+        raise CxrflowError(f"{path}: expected a mapping under 'labels:' (native label -> canonical key)")
+    mapping = {str(native).strip(): str(key) for native, key in mapping.items() if key}
+    unknown = sorted(set(mapping.values()) - set(keys))
+    if unknown:
+        raise CxrflowError(f"{path}: label mapping points to unknown canonical key(s) {unknown}")
+    return mapping
+
+
+def _int8_columns(values: np.ndarray, missing: np.ndarray, codes: np.ndarray, keys, index) -> pd.DataFrame:
+    """Spread a (distinct, key) table of values/missing flags to rows by `codes`, one Int8 column per key."""
+    values, missing = values.T.copy(), missing.T.copy()  # contiguous per key: fast row gathers
+    columns = {key: pd.arrays.IntegerArray(values[k][codes], missing[k][codes]) for k, key in enumerate(keys)}
+    return pd.DataFrame(columns, index=index, columns=list(keys), copy=False)
+
+
+def native_label_matrix(raw: pd.Series, parse, mapping: dict, keys: list[str]) -> tuple[pd.DataFrame, pd.Series]:
+    """Labels from a column holding a list of native labels per row ("Cardiomegaly|Effusion", "['normal']").
+
+    `parse` turns one distinct value into a list of labels (or None when it cannot). A key is 1 if a mapped
+    label is present, 0 if the dataset covers the key but the row lacks it, missing if the dataset has no label
+    for the key. Returns the label frame and a mask of rows whose value could not be parsed.
+    """
+    codes, uniques = pd.factorize(raw, use_na_sentinel=True)
+    index = {k: i for i, k in enumerate(keys)}
+    covered = [index[k] for k in set(mapping.values())]
+    values = np.zeros((len(uniques) + 1, len(keys)), dtype=np.int8)  # last row: a missing value
+    missing = np.ones_like(values, dtype=bool)
+    missing[:-1, covered] = False
+    unparseable = np.zeros(len(uniques) + 1, dtype=bool)
+    for row, value in enumerate(uniques):
+        labels = parse(value)
+        if labels is None:
+            unparseable[row] = True
+            missing[row, :] = True
+            continue
+        for label in labels:
+            key = mapping.get(label)
+            if key is not None:
+                values[row, index[key]] = 1
+    frame = _int8_columns(values, missing, codes, keys, raw.index)
+    return frame, pd.Series(unparseable[codes], index=raw.index)
+
+
+def column_label_matrix(table: pd.DataFrame, mapping: dict, keys: list[str], source: dict, path,
+                        report: Report) -> tuple[pd.DataFrame, pd.Series]:
+    """Labels from one column per native label holding 1 / 0 / -1 (uncertain) / blank (not mentioned), as
+    CheXpert and MIMIC-CXR write them. Several native columns on one key: the strongest state wins, as in
+    `cxrflow.labels` (affirmed > uncertain > negated > not mentioned). Also returns a short text per row
+    naming the positive (and, with '?', the uncertain) native labels."""
+    require_columns(table, list(mapping), f"{path} (columns named in {source['label_map']})")
+    uncertain = source.get("uncertain", "missing")
+    unmentioned = source.get("unmentioned", "negative")
+    index = {k: i for i, k in enumerate(keys)}
+    natives = list(mapping)
+    native_states = np.zeros((len(table), len(natives)), dtype=np.uint8)
+    state_of = {"1": AFFIRMED, "1.0": AFFIRMED, "-1": UNCERTAIN, "-1.0": UNCERTAIN, "0": NEGATED, "0.0": NEGATED}
+    for j, native in enumerate(natives):
+        def states(uniques, native=native):
+            mapped = uniques.astype("string").str.strip().map(state_of)
+            _unrecognized(uniques, mapped, report, f"label {native!r}")
+            return mapped.fillna(UNMENTIONED).astype("uint8")
+
+        native_states[:, j] = per_distinct(table[native], states).fillna(UNMENTIONED).to_numpy(dtype=np.uint8)
+    key_states = np.zeros((len(table), len(keys)), dtype=np.uint8)
+    for j, native in enumerate(natives):
+        column = index[mapping[native]]
+        np.maximum(key_states[:, column], native_states[:, j], out=key_states[:, column])
+    # Code the few distinct state rows, then gather.
+    distinct, codes = np.unique(key_states, axis=0, return_inverse=True)
+    values = np.zeros(distinct.shape, dtype=np.int8)
+    values[distinct == AFFIRMED] = 1
+    values[distinct == UNCERTAIN] = 1 if uncertain == "positive" else 0
+    missing = (distinct == UNCERTAIN) & (uncertain == "missing") | (distinct == UNMENTIONED) & (unmentioned == "missing")
+    uncovered = [i for k, i in index.items() if k not in set(mapping.values())]
+    missing[:, uncovered] = True
+    labels = _int8_columns(values, missing, codes.ravel(), keys, table.index)
+
+    distinct_native, native_codes = np.unique(native_states, axis=0, return_inverse=True)
+    names = []
+    for row in distinct_native:
+        parts = [n for n, s in zip(natives, row) if s == AFFIRMED] + [f"{n}?" for n, s in zip(natives, row) if s == UNCERTAIN]
+        names.append("|".join(parts) if parts else "no finding")
+    text = pd.Series(pd.array(names, dtype="string").take(native_codes.ravel()), index=table.index)
+    return labels, text
+
+
+# --- adapters: one per source.format, each returning CATALOG_COLUMNS + one column per key ----------------------
+
+def adapt_freetext(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
+    """A table with one row per image and a free-text annotation, labelled by a vocabulary (config/labels/ru.yaml)."""
+    require_keys(source, ["annotations", "columns", "vocabulary"], "freetext")
     path = base / source["annotations"]
+    report.source = str(path)
+    vocab = load_vocabulary(base / source["vocabulary"], keys)  # before the table: a config error comes first
     table = read_table(path, source.get("encoding", "auto"), source.get("sep"))
+    report.line_numbers = True
     columns = source["columns"]
-    required = [columns["image_id"], columns["text"]] + ([columns["file"]] if source.get("check_files", True) else [])
+    for name in ("image_id", "text"):
+        if not columns.get(name):
+            raise CxrflowError(f"source.columns.{name}: required for source.format freetext")
+    required = [columns["image_id"], columns["text"]]
+    if source.get("check_files", True):
+        if not columns.get("file"):
+            raise CxrflowError("source.columns.file: required unless source.check_files is false")
+        required.append(columns["file"])
     require_columns(table, required, path)
 
     def column(name):
         mapped = columns.get(name)
         if mapped is None:
-            return pd.Series(pd.NA, index=table.index, dtype="string")
+            return _missing(table.index)
         if mapped not in table.columns:
-            raise CxrflowError(f"{path}: column {mapped!r} (source.columns.{name}) is not in the table; it has {list(table.columns)}")
+            raise CxrflowError(f"{path}: column {mapped!r} (source.columns.{name}) is not in the table; "
+                               f"it has {list(table.columns)}")
         return table[mapped]
 
+    image_id = _strings(column("image_id"))
+    if columns.get("patient_id"):
+        patient_id = _strings(column("patient_id"))
+    else:
+        patient_id = image_id  # no patient column: each image is its own patient, and the summary says so
+        report.facts["patient_id"] = "not given: each image counts as its own patient"
     frame = pd.DataFrame({
-        "image_id": column("image_id").astype("string").str.strip(),
-        "patient_id": column("patient_id").astype("string").str.strip(),
-        "sex": normalize_sex(column("sex")),
-        "age": normalize_age(column("age")),
-        "view": normalize_view(column("view")),
-        "path": column("file").astype("string"),
+        "image_id": image_id,
+        "patient_id": patient_id,
+        "sex": normalize_sex(column("sex"), report),
+        "age": normalize_age(column("age"), report),
+        "view": normalize_view(column("view"), report),
+        "study_date": normalize_date(column("date"), source.get("date_format"), report),
+        "path": _strings(column("file")),
         "text": column("text").astype("string"),
     })
-    vocab = load_vocabulary(base / source["vocabulary"], keys)
+    del table
     labels = label_texts(frame["text"], vocab, keys, uncertain=source.get("uncertain", "missing"))
     return pd.concat([frame, labels], axis=1)
 
 
-def native_label_matrix(label_lists: pd.Series, mapping: dict, keys: list[str], path) -> pd.DataFrame:
-    """Map lists of a dataset's native labels onto canonical keys: 1 if any mapped label is present, 0 if the
-    dataset covers the key but the image lacks it, missing if the dataset has no label for that key."""
-    unknown = sorted(set(mapping.values()) - set(keys))
-    if unknown:
-        raise CxrflowError(f"{path}: label mapping points to unknown canonical key(s) {unknown}")
-    codes, uniques = pd.factorize(label_lists.map(lambda labels: tuple(sorted(labels)) if isinstance(labels, (list, tuple)) else None))
-    covered = set(mapping.values())
-    table = np.full((len(uniques), len(keys)), -1, dtype=np.int8)
-    index = {k: i for i, k in enumerate(keys)}
-    for k in covered:
-        table[:, index[k]] = 0
-    for row, labels in enumerate(uniques):
-        if labels is None:
-            table[row, :] = -1
-            continue
-        for label in labels:
-            key = mapping.get(label)
-            if key is not None:
-                table[row, index[key]] = 1
-    values = np.where(codes[:, None] >= 0, table[np.maximum(codes, 0)], -1)
-    frame = pd.DataFrame(values, index=label_lists.index, columns=keys).astype("Int8")
-    return frame.mask(frame == -1)
+def adapt_dicom(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
+    """A folder of DICOM files (searched recursively) and no table: id, sex, age, view and date come from the
+    tags, read without pixel data. An optional side table (source.annotations) brings the free text, joined
+    on the SOPInstanceUID or the file name stem (source.join_on)."""
+    require_keys(source, ["images"], "dicom")
+    root = base / source["images"]
+    report.source = str(root)
+    if not root.is_dir():
+        raise CxrflowError(f"source.images: no such folder: {root}")
+    join_on = source.get("join_on", "sop_instance_uid")
+    vocab = None
+    if source.get("annotations"):
+        require_keys(source, ["vocabulary"], "dicom with source.annotations")
+        vocab = load_vocabulary(base / source["vocabulary"], keys)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise CxrflowError(f"source.images: {root} holds no files")
+    rows = [_dicom_row(path, root) for path in files]
+    frame = pd.DataFrame(rows, columns=["image_id", "stem", "patient_id", "sex", "age", "view", "study_date", "path",
+                                        "_reason", "_detail"])
+    if join_on == "file_stem":
+        frame["image_id"] = frame["stem"]
+    elif join_on != "sop_instance_uid":
+        raise CxrflowError(f"source.join_on: {join_on!r} is not one of ['sop_instance_uid', 'file_stem']")
+    # An unreadable file has no tags; name it by its path so that the ledger can point at it.
+    frame["image_id"] = frame["image_id"].where(frame["_reason"].isna(), frame["path"])
+    frame = frame.drop(columns="stem")
+    for name in ("image_id", "patient_id", "sex", "view", "path", "_reason", "_detail"):
+        frame[name] = _strings(frame[name])
+    frame["age"] = pd.array(frame["age"], dtype="Int16")
+    frame["study_date"] = normalize_date(frame["study_date"], "%Y%m%d", report)
+    frame["view"] = normalize_view(frame["view"])
+    report.facts["files"] = len(files)
+
+    text = _missing(frame.index)
+    if vocab is not None:
+        path = base / source["annotations"]
+        table = read_table(path, source.get("encoding", "auto"), source.get("sep"))
+        columns = source.get("columns") or {}
+        id_column, text_column = columns.get("image_id", "image_id"), columns.get("text", "text")
+        require_columns(table, [id_column, text_column], path)
+        notes = pd.DataFrame({"id": _strings(table[id_column]), "text": table[text_column].astype("string")})
+        notes["line"] = (notes.index + 2).astype(str)
+        repeated = notes["id"].duplicated(keep="first") & notes["id"].notna()
+        report.unmatched(notes.loc[repeated, "id"], "duplicate_annotation", "line " + notes.loc[repeated, "line"]
+                         + ": an earlier line annotates this image")
+        notes = notes[~repeated & notes["id"].notna()]
+        orphan = ~notes["id"].isin(frame["image_id"])
+        report.unmatched(notes.loc[orphan, "id"], "annotation_without_image",
+                         "line " + notes.loc[orphan, "line"] + f": no DICOM file has this {join_on}")
+        text = frame["image_id"].map(notes.set_index("id")["text"]).astype("string")
+        report.facts["images_without_annotation"] = int(text.isna().sum())
+    frame["text"] = text
+    if vocab is not None:
+        labels = label_texts(frame["text"], vocab, keys, uncertain=source.get("uncertain", "missing"))
+    else:
+        labels = pd.DataFrame({k: pd.array([pd.NA] * len(frame), dtype="Int8") for k in keys}, index=frame.index)
+    return pd.concat([frame, labels], axis=1)
 
 
-def load_mapping(source: dict, base: Path) -> dict:
-    path = base / source["label_map"]
-    if not path.is_file():
-        raise CxrflowError(f"source.label_map: no such file: {path}")
-    mapping = yaml.safe_load(path.read_text(encoding="utf-8")).get("labels") or {}
-    return {str(native).strip(): key for native, key in mapping.items() if key}
+def dicom_identity(path: Path) -> tuple[str | None, bool]:
+    """SOPInstanceUID and whether a Pixel Data element follows the header, without reading the pixels."""
+    import pydicom
+
+    with open(path, "rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        uid = ds.get("SOPInstanceUID")
+        has_pixels = fp.read(4) in _PIXEL_TAGS  # pydicom stops with the file at the pixel element's tag
+    return (str(uid).strip() or None) if uid is not None else None, has_pixels
 
 
-def adapt_nih(source: dict, keys: list[str], base: Path) -> pd.DataFrame:
+def _dicom_row(path: Path, root: Path) -> list:
+    from cxrflow.decode import DecodeError, read_dicom_header
+
+    relative = path.relative_to(root).as_posix()
+    try:
+        meta = read_dicom_header(path)
+        if "sop_instance_uid" in meta and "has_pixel_data" in meta:
+            uid, has_pixels = meta["sop_instance_uid"], meta["has_pixel_data"]
+        else:
+            uid, has_pixels = dicom_identity(path)
+    except DecodeError as err:
+        return [None, path.stem, None, None, None, None, None, relative, err.reason, err.detail or str(err)]
+    except (OSError, Exception) as err:  # noqa: BLE001 - a file that breaks pydicom belongs in the ledger
+        return [None, path.stem, None, None, None, None, None, relative, "unreadable", f"{type(err).__name__}: {err}"]
+    reason, detail = (None, None) if has_pixels else ("no_pixel_data", "the header holds no Pixel Data element")
+    return [uid, path.stem, meta.get("patient_id"), meta.get("sex"), meta.get("age"), meta.get("view"),
+            meta.get("study_date"), relative, reason, detail]
+
+
+def adapt_nih(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
+    """NIH ChestX-ray14 `Data_Entry_2017*.csv`: "Finding Labels" split on "|", "No Finding" meaning none."""
+    require_keys(source, ["annotations"], "nih")
     path = base / source["annotations"]
+    report.source = str(path)
+    mapping = load_mapping(source, base, keys)
     table = read_table(path)
-    require_columns(table, ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"], path)
-    mapping = load_mapping(source, base)
-    labels = table["Finding Labels"].str.split("|").map(lambda ls: [] if ls == ["No Finding"] else ls)
+    report.line_numbers = True
+    if "Patient Gender" not in table.columns and "Patient Sex" in table.columns:
+        table = table.rename(columns={"Patient Sex": "Patient Gender"})  # the column's name in some releases
+    require_columns(table, ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
+                            "View Position"], path)
+    labels, _ = native_label_matrix(
+        table["Finding Labels"], lambda v: [] if v == "No Finding" else [s.strip() for s in v.split("|")], mapping, keys)
+    image_id = _strings(table["Image Index"])
     frame = pd.DataFrame({
-        "image_id": table["Image Index"].astype("string"),
-        "patient_id": table["Patient ID"].astype("string"),
-        "sex": normalize_sex(table["Patient Gender"]),
-        "age": normalize_age(table["Patient Age"]),
-        "view": normalize_view(table["View Position"]),
-        "path": table["Image Index"].astype("string"),
+        "image_id": image_id,
+        "patient_id": _strings(table["Patient ID"]),
+        "sex": normalize_sex(table["Patient Gender"], report),
+        "age": normalize_age(table["Patient Age"], report),
+        "view": normalize_view(table["View Position"], report),
+        "study_date": pd.Series(pd.NaT, index=table.index, dtype="datetime64[s]"),  # NIH publishes no dates
+        "path": image_id,
         "text": table["Finding Labels"].astype("string"),
     })
-    return pd.concat([frame, native_label_matrix(labels, mapping, keys, path)], axis=1)
+    return pd.concat([frame, labels], axis=1)
+
+
+def adapt_chexpert(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
+    """CheXpert `train.csv` / `valid.csv`: one column per observation (1, 0, -1 uncertain, blank); the patient
+    is the `patientNNNNN` part of `Path`; the view comes from "Frontal/Lateral" and "AP/PA"."""
+    require_keys(source, ["annotations"], "chexpert")
+    path = base / source["annotations"]
+    report.source = str(path)
+    mapping = load_mapping(source, base, keys)
+    table = read_table(path)
+    report.line_numbers = True
+    require_columns(table, ["Path", "Sex", "Age", "Frontal/Lateral"], path)
+    labels, text = column_label_matrix(table, mapping, keys, source, path, report)
+    image_path = _strings(table["Path"])
+    lateral = table["Frontal/Lateral"].str.strip().str.lower().eq("lateral").fillna(False)
+    frontal_view = normalize_view(table["AP/PA"], report) if "AP/PA" in table.columns else _missing(table.index)
+    frame = pd.DataFrame({
+        "image_id": image_path,
+        "patient_id": image_path.str.extract(r"(?:^|/)(patient\d+)(?:/|$)", expand=False).astype("string"),
+        "sex": normalize_sex(table["Sex"], report),
+        "age": normalize_age(table["Age"], report),
+        "view": frontal_view.mask(lateral, "LAT"),
+        "study_date": pd.Series(pd.NaT, index=table.index, dtype="datetime64[s]"),  # CheXpert publishes no dates
+        "path": image_path,
+        "text": text,
+    })
+    return pd.concat([frame, labels], axis=1)
+
+
+def adapt_padchest(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
+    """PadChest's label table: `Labels` is a Python-list string; the rows where it does not parse are ledgered."""
+    require_keys(source, ["annotations"], "padchest")
+    path = base / source["annotations"]
+    report.source = str(path)
+    mapping = load_mapping(source, base, keys)
+    table = read_table(path)
+    report.line_numbers = True
+    require_columns(table, ["ImageID", "PatientID", "PatientSex_DICOM", "Projection", "Labels"], path)
+    labels, unparseable = native_label_matrix(table["Labels"], parse_padchest_labels, mapping, keys)
+    study_date = (normalize_date(table["StudyDate_DICOM"], "%Y%m%d", report) if "StudyDate_DICOM" in table.columns
+                  else pd.Series(pd.NaT, index=table.index, dtype="datetime64[s]"))
+    birth = pd.to_numeric(table["PatientBirth"], errors="coerce") if "PatientBirth" in table.columns else np.nan
+    age = (study_date.dt.year - birth).astype("Float64").astype("string")
+    image_dir = table["ImageDir"].astype("string") + "/" if "ImageDir" in table.columns else ""
+    image_id = _strings(table["ImageID"])
+    frame = pd.DataFrame({
+        "image_id": image_id,
+        "patient_id": _strings(table["PatientID"]),
+        "sex": normalize_sex(table["PatientSex_DICOM"], report),
+        "age": normalize_age(age.str.replace(r"\.0$", "", regex=True)),
+        "view": normalize_view(table["Projection"], report),
+        "study_date": study_date,
+        "path": (image_dir + image_id).astype("string"),
+        "text": table["Report"].astype("string") if "Report" in table.columns else _missing(table.index),
+    })
+    frame["_reason"] = pd.Series(pd.NA, index=frame.index, dtype="string").mask(unparseable | table["Labels"].isna(),
+                                                                                "unparseable_labels")
+    frame["_detail"] = ("Labels = " + table["Labels"].fillna("(empty)").str.slice(0, 80)).where(frame["_reason"].notna())
+    return pd.concat([frame, labels], axis=1)
 
 
 def parse_padchest_labels(value):
@@ -225,102 +689,304 @@ def parse_padchest_labels(value):
         return None
     try:
         parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         return None
     if not isinstance(parsed, list):
         return None
     return [str(label).strip() for label in parsed if str(label).strip()]
 
 
-def adapt_padchest(source: dict, keys: list[str], base: Path) -> pd.DataFrame:
+def adapt_vindr(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
+    """VinDr-CXR box annotations (`image_id`, `rad_id`, `class_name`, one row per radiologist per box), combined
+    per image by source.combine: "any" radiologist, or a "majority" of those who read the image."""
+    require_keys(source, ["annotations"], "vindr")
     path = base / source["annotations"]
-    table = read_table(path)
-    require_columns(table, ["ImageID", "PatientID", "PatientSex_DICOM", "Projection", "Labels"], path)
-    mapping = load_mapping(source, base)
-    codes, uniques = pd.factorize(table["Labels"])
-    parsed = [parse_padchest_labels(u) for u in uniques]
-    labels = pd.Series([parsed[c] if c >= 0 else None for c in codes], index=table.index, dtype=object)
-    birth = pd.to_numeric(table.get("PatientBirth"), errors="coerce")
-    study_year = pd.to_numeric(table.get("StudyDate_DICOM", pd.Series(index=table.index, dtype=str)).str[:4], errors="coerce")
-    image_dir = table["ImageDir"].astype("string") + "/" if "ImageDir" in table.columns else ""
+    report.source = str(path)
+    mapping = load_mapping(source, base, keys)
+    combine = source.get("combine", "majority")
+    if combine not in ("any", "majority"):
+        raise CxrflowError(f"source.combine: {combine!r} is not one of ['any', 'majority']")
+    table = read_table(path, source.get("encoding", "auto"), source.get("sep"))
+    require_columns(table, ["image_id", "class_name"], path)
+    image_id = _strings(table["image_id"])
+    no_id = image_id.isna()
+    report.unmatched("<line " + pd.Series(table.index[no_id] + 2).astype(str) + ">", "no_image_id",
+                     "an annotation row without image_id")
+    table, image_id = table[~no_id], image_id[~no_id]
+    reader = _strings(table["rad_id"]).fillna("consensus") if "rad_id" in table.columns else pd.Series(
+        "consensus", index=table.index, dtype="string")
+    class_name = _strings(table["class_name"])
+    report.facts["annotation_rows"] = int(len(table) + no_id.sum())
+
+    image_codes, images = pd.factorize(image_id)
+    reader_codes, _ = pd.factorize(reader)
+    pairs = np.unique(np.stack([image_codes, reader_codes], axis=1), axis=0)
+    n_readers = np.bincount(pairs[:, 0], minlength=len(images))
+    key_index = {k: i for i, k in enumerate(keys)}
+    class_codes, classes = pd.factorize(class_name, use_na_sentinel=True)
+    class_key = np.array([key_index[mapping[c]] if c in mapping else -1 for c in classes] + [-1], dtype=np.int64)
+    row_key = class_key[class_codes]
+    ignored = pd.Series(classes)[(class_key[:-1] < 0) & (pd.Series(classes).str.lower() != "no finding").to_numpy()]
+    if len(ignored):
+        counts = class_name[class_name.isin(ignored)].value_counts()
+        report.facts["classes_not_in_label_map"] = {str(k): int(v) for k, v in counts.items()}
+    # One vote per (image, radiologist, key), however many boxes the radiologist drew.
+    votes = np.unique(np.stack([image_codes, reader_codes, row_key], axis=1)[row_key >= 0], axis=0)
+    counts = np.zeros((len(images), len(keys)), dtype=np.int32)
+    np.add.at(counts, (votes[:, 0], votes[:, 2]), 1)
+    positive = counts >= 1 if combine == "any" else 2 * counts > n_readers[:, None]
+    values = positive.astype(np.int8)
+    missing = np.ones_like(values, dtype=bool)
+    missing[:, sorted({key_index[k] for k in mapping.values()})] = False
+    labels = _int8_columns(values, missing, np.arange(len(images)), keys, pd.RangeIndex(len(images)))
+
+    named = pd.DataFrame({"image": image_codes, "class": class_name.to_numpy()}).dropna().drop_duplicates()
+    text = named.sort_values("class").groupby("image")["class"].agg("|".join)
+    images = pd.Series(images, dtype="string")
     frame = pd.DataFrame({
-        "image_id": table["ImageID"].astype("string"),
-        "patient_id": table["PatientID"].astype("string"),
-        "sex": normalize_sex(table["PatientSex_DICOM"]),
-        "age": normalize_age((study_year - birth).astype("string")),
-        "view": normalize_view(table["Projection"]),
-        "path": (image_dir + table["ImageID"]).astype("string"),
-        "text": table["Report"].astype("string") if "Report" in table.columns else pd.Series(pd.NA, index=table.index, dtype="string"),
+        # VinDr-CXR publishes no patient ids: each image counts as its own patient.
+        "image_id": images,
+        "patient_id": images,
+        "sex": _missing(images.index),
+        "age": pd.array([pd.NA] * len(images), dtype="Int16"),
+        "view": _missing(images.index),
+        "study_date": pd.Series(pd.NaT, index=images.index, dtype="datetime64[s]"),
+        "path": (images + ".dicom").astype("string"),
+        "text": pd.Series(text.reindex(range(len(images))).to_numpy(), dtype="string"),
     })
-    frame["_unparseable_labels"] = labels.isna() & table["Labels"].notna() | table["Labels"].isna()
-    return pd.concat([frame, native_label_matrix(labels, mapping, keys, path)], axis=1)
+    report.facts["patient_id"] = "VinDr-CXR has none: each image counts as its own patient"
+    if source.get("check_files", True) and source.get("images"):
+        _demographics_from_headers(frame, base / source["images"], report)
+    return pd.concat([frame, labels], axis=1)
 
 
-ADAPTERS = {"freetext": adapt_freetext, "nih": adapt_nih, "padchest": adapt_padchest}
+def _demographics_from_headers(frame: pd.DataFrame, root: Path, report: Report) -> None:
+    """Fill sex, age, view and date from the DICOM headers of the files that exist (tags only)."""
+    from cxrflow.decode import DecodeError, read_dicom_header
+
+    found = {"sex": [], "age": [], "view": [], "study_date": []}
+    for relative in frame["path"]:
+        try:
+            meta = read_dicom_header(root / relative)
+        except DecodeError:
+            meta = {}  # a missing or broken file is the missing-file check's and the decoder's business
+        for name in found:
+            found[name].append(meta.get(name))
+    frame["sex"] = _strings(found["sex"])
+    frame["age"] = pd.array(found["age"], dtype="Int16")
+    frame["view"] = normalize_view(pd.Series(found["view"], index=frame.index, dtype="string"))
+    frame["study_date"] = normalize_date(pd.Series(found["study_date"], index=frame.index, dtype="string"), "%Y%m%d",
+                                         report)
+    report.facts["headers_read"] = int(frame["sex"].notna().sum())
+
+
+def adapt_mimic(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
+    """MIMIC-CXR-JPG: the metadata table (source.annotations: one row per image) joined with the CheXpert-style
+    label table (source.labels: one row per study) on subject_id and study_id. MIMIC-CXR holds no sex or age;
+    MIMIC-IV's patients table (source.patients: subject_id, gender, anchor_age, anchor_year) adds them."""
+    require_keys(source, ["annotations", "labels"], "mimic")
+    path, labels_path = base / source["annotations"], base / source["labels"]
+    report.source = str(path)
+    mapping = load_mapping(source, base, keys)
+    table = read_table(path)
+    report.line_numbers = True
+    require_columns(table, ["dicom_id", "subject_id", "study_id", "ViewPosition"], path)
+    studies = read_table(labels_path)
+    require_columns(studies, ["subject_id", "study_id"], labels_path)
+    study_key = ["subject_id", "study_id"]
+    for frame_ in (table, studies):
+        for name in study_key:
+            frame_[name] = _strings(frame_[name])
+    repeated = studies.duplicated(study_key, keep="first")
+    report.unmatched("s" + studies.loc[repeated, "study_id"], "duplicate_label_row",
+                     "line " + pd.Series(studies.index[repeated] + 2).astype(str) + f" of {labels_path.name}")
+    studies = studies[~repeated]
+    imaged = pd.MultiIndex.from_frame(table[study_key])
+    labelled = pd.MultiIndex.from_frame(studies[study_key])
+    orphan = ~labelled.isin(imaged)
+    report.unmatched("s" + studies.loc[orphan, "study_id"], "labels_without_image",
+                     f"a row of {labels_path.name} whose study has no image in {path.name}")
+    # Each image takes its study's row: a positional join through the study index.
+    position = labelled.get_indexer(imaged)
+    study_labels, study_text = column_label_matrix(studies.reset_index(drop=True), mapping, keys, source, labels_path, report)
+    unlabelled = position < 0
+    take = np.where(unlabelled, 0, position)
+    labels = study_labels.iloc[take].reset_index(drop=True).set_axis(table.index)
+    if unlabelled.any():
+        labels = labels.mask(pd.Series(unlabelled, index=table.index), pd.NA).astype("Int8")
+    report.facts["images_without_label_row"] = int(unlabelled.sum())
+    text = pd.Series(study_text.array.take(take), index=table.index).mask(unlabelled, pd.NA)
+
+    study_date = (normalize_date(table["StudyDate"], "%Y%m%d", report) if "StudyDate" in table.columns
+                  else pd.Series(pd.NaT, index=table.index, dtype="datetime64[s]"))
+    sex, age = _missing(table.index), pd.Series(pd.NA, index=table.index, dtype="Int16")
+    if source.get("patients"):
+        patients_path = base / source["patients"]
+        patients = read_table(patients_path)
+        require_columns(patients, ["subject_id", "gender", "anchor_age", "anchor_year"], patients_path)
+        patients = patients.assign(subject_id=_strings(patients["subject_id"])).drop_duplicates("subject_id")
+        row = pd.Index(patients["subject_id"]).get_indexer(table["subject_id"])
+        known = row >= 0
+        report.facts["images_without_patient_row"] = int((~known).sum())
+        pick = patients.iloc[np.where(known, row, 0)].reset_index(drop=True).set_axis(table.index)
+        sex = normalize_sex(pick["gender"], report).mask(~known, pd.NA)
+        anchor_age = pd.to_numeric(pick["anchor_age"], errors="coerce")
+        anchor_year = pd.to_numeric(pick["anchor_year"], errors="coerce")
+        years = anchor_age + (study_date.dt.year - anchor_year).fillna(0)  # dates are shifted like anchor_year
+        age = normalize_age(years.where(known).astype("Float64").astype("string").str.replace(r"\.0$", "", regex=True))
+    subject, study = table["subject_id"], table["study_id"]
+    frame = pd.DataFrame({
+        "image_id": _strings(table["dicom_id"]),
+        "patient_id": subject,
+        "sex": sex,
+        "age": age,
+        "view": normalize_view(table["ViewPosition"], report),
+        "study_date": study_date,
+        "path": ("files/p" + subject.str.slice(0, 2) + "/p" + subject + "/s" + study + "/" + table["dicom_id"]
+                 + ".jpg").astype("string"),
+        "text": text.astype("string"),
+    })
+    return pd.concat([frame, labels], axis=1)
+
+
+ADAPTERS = {
+    "freetext": adapt_freetext,
+    "dicom": adapt_dicom,
+    "nih": adapt_nih,
+    "chexpert": adapt_chexpert,
+    "padchest": adapt_padchest,
+    "vindr": adapt_vindr,
+    "mimic": adapt_mimic,
+}
 
 
 # --- the shared part -------------------------------------------------------------------------------------------
+
+def existing_files(paths: pd.Series) -> np.ndarray:
+    """Whether each path is a file, from one directory listing per folder rather than one stat per file."""
+    exists = np.zeros(len(paths), dtype=bool)
+    by_folder = defaultdict(list)
+    for position, value in enumerate(paths.to_numpy(dtype=object, na_value=None)):
+        if value:
+            folder, _, name = value.rpartition("/")
+            by_folder[folder].append((position, name))
+    for folder, entries in by_folder.items():
+        try:
+            with os.scandir(folder or ".") as listing:
+                # is_file() answers from the directory entry, without a stat, except for symbolic links.
+                names = {entry.name for entry in listing if entry.is_file()}
+        except OSError:
+            continue
+        for position, name in entries:
+            exists[position] = name in names
+    return exists
+
 
 def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", privacy: dict | None = None) -> Ingested:
     """Run the configured adapter, then apply the rules every source shares, counting every row left out."""
     base = Path(base)
     fmt = source.get("format")
     if fmt not in ADAPTERS:
-        raise CxrflowError(f"source.format: unknown format {fmt!r}; choose one of {sorted(ADAPTERS)}")
+        raise CxrflowError(f"source.format: unknown format {fmt!r}; choose one of {list(ADAPTERS)}")
     keys = load_keys(base / keys_file)
-    frame = ADAPTERS[fmt](source, keys, base).reset_index(drop=True)
+    privacy = privacy or {}
+    key = pseudonym_key(privacy.get("demo_key", False))  # a missing key is a config error: fail before the work
+    report = Report(source=str(source.get("annotations") or source.get("images") or ""))
+    frame = ADAPTERS[fmt](source, keys, base, report).reset_index(drop=True)
     n_read = len(frame)
-    ledgers = []
+    if n_read == 0:
+        raise CxrflowError(f"{report.source}: the source holds no images")
 
-    def leave_out(mask: pd.Series, reason: str, detail=""):
-        nonlocal frame
-        mask = mask.fillna(False).astype(bool)
+    keep = np.ones(n_read, dtype=bool)
+    left_out = []  # (positions, reason(s), detail(s))
+
+    def leave_out(mask, reason, detail=""):
+        mask = np.asarray(pd.Series(mask).fillna(False), dtype=bool) & keep
         if mask.any():
-            d = detail[mask] if isinstance(detail, pd.Series) else detail
-            ledgers.append(ledger_rows(frame.loc[mask, "image_id"], reason, d))
-            frame = frame.loc[~mask].reset_index(drop=True)
+            positions = np.flatnonzero(mask)
+            pick = lambda v: v.to_numpy()[positions] if isinstance(v, pd.Series) else v  # noqa: E731
+            left_out.append((positions, pick(reason), pick(detail)))
+            keep[positions] = False
 
-    row_numbers = pd.Series(frame.index + 2, index=frame.index).astype("string")  # +2: header line, 1-based rows
-    frame["image_id"] = frame["image_id"].fillna("<row " + row_numbers + ">")
-    leave_out(frame["image_id"].str.startswith("<row "), "no_image_id", "row " + row_numbers)
-    if "_unparseable_labels" in frame.columns:
-        leave_out(frame["_unparseable_labels"], "unparseable_labels")
-        frame = frame.drop(columns="_unparseable_labels")
-    leave_out(frame["image_id"].duplicated(keep="first"), "duplicate_image_id", "a previous row has this image id")
-    leave_out(frame["patient_id"].isna() | (frame["patient_id"] == ""), "no_patient_id")
+    row_label = (lambda p: "line " + pd.Series(p + 2).astype(str)) if report.line_numbers else (
+        lambda p: "record " + pd.Series(p + 1).astype(str))
+    if "_reason" in frame.columns:
+        reason = frame.pop("_reason")
+        detail = frame.pop("_detail").fillna("")
+        leave_out(reason.notna(), reason, detail)
+    no_id = frame["image_id"].isna()
+    if no_id.any():
+        frame.loc[no_id, "image_id"] = ("<" + row_label(np.flatnonzero(no_id)) + ">").to_numpy()
+        leave_out(no_id, "no_image_id")
+    valid = pd.Series(keep)
+    duplicated = frame["image_id"].where(valid).duplicated(keep="first") & valid
+    leave_out(duplicated, "duplicate_image_id", "an earlier row has this image id")
+    leave_out(frame["patient_id"].isna(), "no_patient_id")
 
     if source.get("check_files", True):
         if not source.get("images"):
             raise CxrflowError("source.images: the image folder is required unless source.check_files is false")
-        root = base / source["images"]
-        frame["path"] = frame["path"].map(lambda p: str(root / p) if isinstance(p, str) and p else pd.NA).astype("string")
-        exists = frame["path"].map(lambda p: isinstance(p, str) and Path(p).is_file())
-        leave_out(~exists, "missing_file", frame["path"].fillna("no file named in the table"))
+        root = (base / source["images"]).as_posix().rstrip("/") + "/"
+        relative = frame["path"].astype("string")
+        absolute = relative.where(relative.str.startswith("/"), root + relative)
+        frame["path"] = absolute
+        exists = existing_files(absolute.where(pd.Series(keep)))
+        leave_out(~exists, "missing_file", absolute.fillna("no file named in the table"))
 
+    flagged = []
     conflict_policy = source.get("sex_conflict", "drop_patient")
-    sexes = frame.dropna(subset=["sex"]).groupby("patient_id")["sex"].nunique()
-    conflicted = frame["patient_id"].isin(sexes.index[sexes > 1])
+    patient_codes, _ = pd.factorize(frame["patient_id"].where(pd.Series(keep)))
+    sex_codes = np.asarray(pd.Categorical(frame["sex"], categories=["F", "M"]).codes)
+    considered = keep & (patient_codes >= 0) & (sex_codes >= 0)
+    sexes = np.zeros((patient_codes.max() + 1 if len(patient_codes) else 0, 2), dtype=bool)
+    sexes[patient_codes[considered], sex_codes[considered]] = True
+    conflicted = keep & (patient_codes >= 0) & sexes.all(axis=1)[np.maximum(patient_codes, 0)]
     if conflicted.any():
         if conflict_policy == "drop_patient":
             leave_out(conflicted, "sex_conflict", "the patient's images disagree on sex")
-        elif conflict_policy == "unknown":
-            ledgers.append(ledger_rows(frame.loc[conflicted, "image_id"], "sex_conflict_flagged", "kept with sex set to missing"))
-            frame.loc[conflicted, "sex"] = pd.NA
+        else:
+            what = "kept with sex set to missing" if conflict_policy == "unknown" else "kept with sex as recorded"
+            flagged.append(ledger_rows(frame.loc[conflicted, "image_id"], "sex_conflict_flagged",
+                                       f"the patient's images disagree on sex; {what}", source=report.source))
+            if conflict_policy == "unknown":
+                frame.loc[conflicted, "sex"] = pd.NA
 
-    privacy = privacy or {}
-    frame["patient_id"] = pseudonymize(frame["patient_id"], pseudonym_key(privacy.get("demo_key", False)))
-    ledger = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame(columns=LEDGER_COLUMNS)
-    # Sex-conflict flags keep their row, so they are not "left out".
-    left_out = int((ledger["reason"] != "sex_conflict_flagged").sum())
+    ledger_parts = []
+    for positions, reason, detail in left_out:
+        where = row_label(positions)
+        detail = pd.Series(detail if not np.isscalar(detail) else [detail] * len(positions), dtype="string").fillna("")
+        detail = (where + ": " + detail).str.rstrip(": ")
+        ledger_parts.append(ledger_rows(frame["image_id"].to_numpy()[positions], reason, detail, source=report.source))
+    n_left_out = int(sum(len(p) for p, _, _ in left_out))
+    frame = frame.loc[keep].reset_index(drop=True)
+
+    frame["patient_id"] = pseudonymize(frame["patient_id"], key)
+    catalog = frame[CATALOG_COLUMNS + keys].astype(
+        {"image_id": "string", "patient_id": "string", "sex": "string", "age": "Int16", "view": "string",
+         "study_date": "datetime64[s]", "path": "string", "text": "string"} | dict.fromkeys(keys, "Int8"))
+    parts = [p for p in ledger_parts + flagged + report.ledger if len(p)]
+    ledger = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=LEDGER_COLUMNS, dtype="string")
+    left_out_by_reason = (pd.concat([p["reason"] for p in ledger_parts]).value_counts().to_dict() if ledger_parts else {})
     summary = {
         "format": fmt,
+        "source": report.source,
         "rows_read": n_read,
-        "kept": len(frame),
-        "left_out": left_out,
-        "left_out_by_reason": ledger["reason"].value_counts().to_dict(),
-        "patients": int(frame["patient_id"].nunique()),
-        "positives_by_key": {k: int((frame[k] == 1).sum()) for k in keys},
+        "kept": len(catalog),
+        "left_out": n_left_out,
+        "left_out_by_reason": {str(k): int(v) for k, v in left_out_by_reason.items()},
+        "flagged": {str(k): int(v) for k, v in pd.concat([p["reason"] for p in flagged]).value_counts().items()} if flagged else {},
+        "other_input_rows_in_ledger": ({str(k): int(v) for k, v in pd.concat([p["reason"] for p in report.ledger])
+                                        .value_counts().items()} if report.ledger else {}),
+        "patients": int(catalog["patient_id"].nunique()),
+        "unrecognized_values": report.unrecognized,
+        **report.facts,
+        "positives_by_key": {k: int((catalog[k] == 1).sum()) for k in keys},
     }
     if summary["kept"] + summary["left_out"] != n_read:
         raise AssertionError(f"ingest counts do not add up: {summary}")
-    return Ingested(frame[CATALOG_COLUMNS + keys], ledger, summary)
+    if summary["kept"] == 0:
+        examples = ledger.drop_duplicates("reason").head(5)
+        raise CxrflowError(
+            f"{report.source}: no image survived ingest ({n_read} read; left out by reason: "
+            f"{summary['left_out_by_reason']}); e.g. " + "; ".join(f"{r.item}: {r.reason} ({r.detail})" for r in examples.itertuples()))
+    return Ingested(catalog, ledger, summary)

@@ -40,6 +40,18 @@ def build_model(spec: dict) -> torch.nn.Module:
     return model
 
 
+def load_trained(model_path: str | Path, spec: dict) -> torch.nn.Module:
+    """A trained model.pt (a plain state dict, read without unpickling) in the architecture `spec` names, on the
+    CPU, in eval mode."""
+    model = build_model({**spec, "pretrained": None})
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - wrong architecture, a truncated, foreign or pickled file
+        raise CxrflowError(f"{model_path}: not a {spec['name']} model from this pipeline: {str(err)[:300]}") from None
+    return model.eval()
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch file, never unpickling arbitrary objects."""
     path = Path(path)

@@ -114,11 +114,13 @@ def run_train(manifest_path, index_path, tensor_files, config: dict, pathology: 
 
 
 def run_evaluate(model_path, metadata_path, manifest_path, index_path, tensor_files, config: dict, pathology: str,
-                 metrics_out, predictions_out, roc_out) -> dict:
+                 metrics_out, predictions_out, roc_out, *, history_path=None, confusion_out=None, curves_out=None,
+                 gradcam_out=None) -> dict:
+    """Predict val and test on the CPU; Table 1 metrics on test (threshold from val); the per-pathology figures."""
     import torch
 
-    from cxrflow.evaluate import evaluate_predictions, plot_roc_pr
-    from cxrflow.models import build_model
+    from cxrflow.evaluate import evaluate_predictions, plot_confusion, plot_roc_pr, plot_training_curves
+    from cxrflow.models import load_trained
     from cxrflow.tensors import TensorCache
     from cxrflow.train import predict
 
@@ -126,15 +128,29 @@ def run_evaluate(model_path, metadata_path, manifest_path, index_path, tensor_fi
     manifest = pd.read_csv(manifest_path, dtype={"image_id": str, "patient_id": str})
     rows = manifest[manifest["split"].isin(["val", "test"])].reset_index(drop=True)
     cache = TensorCache.open(index_path, tensor_files)
-    model = build_model({**config["model"], "pretrained": None})
-    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    probs = predict(model, cache.load(rows["image_id"]), torch.device("cpu"), metadata["input"]["zscore"])
+    model = load_trained(model_path, config["model"])
+    zscore = metadata["input"]["zscore"]
+    probs = predict(model, cache.load(rows["image_id"]), torch.device("cpu"), zscore)
     predictions = rows.assign(prob=np.round(probs, 6))
     metrics = evaluate_predictions(predictions, config["evaluate"]["bootstrap"], config["seed"])
     metrics.update({"pathology": pathology, "best_epoch": metadata["best_epoch"], "model": metadata["architecture"]})
     write_csv(predictions, predictions_out)
     write_json(metrics, metrics_out)
-    plot_roc_pr(predictions, config["cohorts"]["pathologies"][pathology].get("name", {}).get("en", pathology), roc_out)
+    title = config["cohorts"]["pathologies"][pathology].get("name", {}).get("en", pathology)
+    plot_roc_pr(predictions, title, roc_out)
+    if confusion_out:
+        plot_confusion(metrics, title, confusion_out)
+    if curves_out:
+        plot_training_curves(pd.read_csv(history_path), metadata["best_epoch"], title, curves_out)
+    if gradcam_out:
+        from cxrflow.gradcam import grad_cam, pick_examples, plot_gradcam
+        from cxrflow.train import prepare_batch
+
+        per_kind = config["evaluate"].get("gradcam_examples", 4)
+        examples = pick_examples(predictions[predictions["split"] == "test"], metrics["threshold"], per_kind)
+        images = cache.load(examples["image_id"])
+        heat, _ = grad_cam(model, prepare_batch(images, torch.device("cpu"), zscore)) if len(examples) else (images, None)
+        plot_gradcam(images, heat, examples, metrics["threshold"], title, gradcam_out, per_kind)
     log.info("evaluate %s: %s", pathology, json.dumps(metrics))
     return metrics
 
@@ -147,3 +163,14 @@ def run_collect(metric_files, manifest_files, prediction_files, pathologies, nam
     write_text(to_markdown(table), markdown_out)
     plot_all_roc(dict(zip(pathologies, prediction_files)), names, roc_out)
     log.info("metrics table:\n%s", table.to_string(index=False))
+
+
+def run_predict(image_dir, model_files, metadata_files, metric_files, pathologies, quality: dict, probabilities_out) -> pd.DataFrame:
+    """The trained models on a folder of new images; thresholds are the validation-chosen ones of the metrics."""
+    from cxrflow.predict import predict_folder
+
+    models = {p: (m, meta) for p, m, meta in zip(pathologies, model_files, metadata_files)}
+    thresholds = {p: json.loads(Path(f).read_text())["threshold"] for p, f in zip(pathologies, metric_files or [])}
+    table = predict_folder(image_dir, models, quality, thresholds, log=log.info)
+    write_csv(table, probabilities_out)
+    return table

@@ -5,17 +5,22 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
-
 # The rules' scripts import the cxrflow package from src/ (also inside conda envs and cluster jobs,
 # which inherit this environment).
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
-from cxrflow.config_checks import check_config
+from cxrflow.config_checks import check_config, schema_errors
+from cxrflow.errors import CxrflowError
 
-check_config(config, Path(workflow.basedir))
+try:
+    # A config mistake is the user's: one line naming the key, no traceback.
+    schema_errors(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+    validate(config, schema="../schemas/config.schema.yaml")  # also fills in the defaults
+    check_config(config, Path(workflow.basedir))
+except CxrflowError as err:
+    sys.exit(f"cxrflow config error: {err}")
 
 PATHOLOGIES = sorted(config["cohorts"]["pathologies"])
 SHARDS = [f"{i:04d}" for i in range(config["preprocess"]["shards"])]

@@ -2,6 +2,7 @@ rule evaluate:
     input:
         model="results/models/{pathology}/model.pt",
         metadata="results/models/{pathology}/metadata.json",
+        history="results/models/{pathology}/history.csv",
         manifest="results/splits/{pathology}.csv",
         index="results/tensors/index.parquet",
         tensors=tensor_shards,
@@ -11,6 +12,24 @@ rule evaluate:
         roc=report(
             "results/figures/{pathology}_roc.png",
             caption="../report/roc.rst",
+            category="Evaluation",
+            subcategory="{pathology}",
+        ),
+        confusion=report(
+            "results/figures/{pathology}_confusion.png",
+            caption="../report/confusion.rst",
+            category="Evaluation",
+            subcategory="{pathology}",
+        ),
+        curves=report(
+            "results/figures/{pathology}_training.png",
+            caption="../report/training.rst",
+            category="Evaluation",
+            subcategory="{pathology}",
+        ),
+        gradcam=report(
+            "results/figures/{pathology}_gradcam.png",
+            caption="../report/gradcam.rst",
             category="Evaluation",
             subcategory="{pathology}",
         ),

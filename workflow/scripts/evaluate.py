@@ -13,4 +13,8 @@ with script(snakemake):
         snakemake.output.metrics,
         snakemake.output.predictions,
         snakemake.output.roc,
+        history_path=snakemake.input.history,
+        confusion_out=snakemake.output.confusion,
+        curves_out=snakemake.output.curves,
+        gradcam_out=snakemake.output.gradcam,
     )

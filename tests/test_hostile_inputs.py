@@ -1,0 +1,146 @@
+"""Hostile inputs through the real workflow: each kind is either left out with a reason (and the counts add up)
+or stops the run with a one-line error naming the file, row or key, without a Python traceback."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+from hostile import write_corpus
+from test_workflow import copy_repo
+
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+COLUMNS = "image_id,patient_id,sex,age,view,file,annotation"
+
+
+def annotation_rows(files: list[str]) -> list[str]:
+    rows = [f"{Path(f).stem},P{i:03d},Ж,{40 + i},PA,hostile/{f},Без патологических изменений." for i, f in enumerate(files)]
+    rows += [
+        "dup,P900,Ж,50,PA,hostile/whole.png,Норма.",
+        "dup,P901,Ж,50,PA,hostile/whole.png,Сердце расширено.",  # duplicate image id
+        "gone,P902,Ж,50,PA,hostile/not_there.png,Норма.",  # the file does not exist
+        "silent,P903,Ж,50,PA,hostile/sixteen.png,",  # empty annotation text
+        "conflict_a,P904,Ж,50,PA,hostile/whole.png,Норма.",  # one patient, two sexes
+        "conflict_b,P904,М,50,PA,hostile/rgba.png,Норма.",
+        "orphan,,Ж,50,PA,hostile/whole.png,Норма.",  # no patient id
+    ]
+    return rows
+
+
+def make_workdir(tmp_path: Path, table_bytes: bytes, overlay: dict | None = None) -> Path:
+    workdir = copy_repo(tmp_path / "repo")
+    archive = workdir / "resources" / "archive"
+    expected = write_corpus(archive / "hostile")
+    (archive / "notes.csv").write_bytes(table_bytes)
+    config = {"source": {"annotations": "resources/archive/notes.csv", "images": "resources/archive"},
+              "preprocess": {"shards": 2}, **(overlay or {})}
+    (workdir / "hostile.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    return workdir, expected
+
+
+def snakemake(workdir, *targets, configfile="hostile.yaml"):
+    # Targets first: --configfile takes several values and would swallow them.
+    return subprocess.run([SNAKEMAKE, *targets, "--cores", "2", "--configfile", configfile], cwd=workdir,
+                          capture_output=True, text=True, timeout=900)
+
+
+def table(rows, encoding="utf-8", bom=False, header=COLUMNS) -> bytes:
+    data = ("\n".join([header, *rows]) + "\n").encode(encoding)
+    return b"\xef\xbb\xbf" + data if bom else data
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    probe = write_corpus(tmp / "probe")
+    workdir, expected = make_workdir(tmp, table(annotation_rows(sorted(probe)), encoding="cp1251"))
+    result = snakemake(workdir, "results/quality/metrics.parquet")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir, expected
+
+
+def test_bad_rows_are_ledgered_and_counts_add_up(hostile_run):
+    workdir, expected = hostile_run
+    annotations = pd.read_csv(workdir / "resources/archive/notes.csv", encoding="cp1251", dtype=str)
+    catalog = pd.read_parquet(workdir / "results/catalog.parquet")
+    ledger = pd.read_csv(workdir / "results/ingest/ledger.csv")
+    assert len(catalog) + len(ledger) == len(annotations)
+    reasons = ledger.groupby("item")["reason"].apply(set).to_dict()
+    assert reasons["dup"] == {"duplicate_image_id"}
+    assert reasons["gone"] == {"missing_file"}
+    assert reasons["conflict_a"] == reasons["conflict_b"] == {"sex_conflict"}
+    assert ledger["reason"].eq("no_patient_id").sum() == 1
+    silent = catalog.set_index("image_id").loc["silent"]
+    assert silent[["enlarged_heart", "scoliosis"]].isna().all(), "an empty note assesses nothing"
+    # Windows-1251 was read as Russian, not mojibake: the normal note set the labels to 0.
+    assert catalog.set_index("image_id").loc["whole", "enlarged_heart"] == 0
+
+
+def test_every_hostile_image_is_used_or_left_out_with_its_reason(hostile_run):
+    workdir, expected = hostile_run
+    quality = pd.read_parquet(workdir / "results/quality/metrics.parquet").set_index("image_id")
+    outcomes = []
+    for name, (outcome, reason) in sorted(expected.items()):
+        row = quality.loc[Path(name).stem]
+        outcomes.append((name, outcome, row["qc_reason"]))
+        if outcome == "ok":
+            assert row["qc_pass"], (name, row["qc_reason"], row["detail"])
+        elif outcome == "qc":
+            assert not row["qc_pass"] and reason in row["qc_reasons"].split(";"), (name, row["qc_reasons"])
+        else:
+            assert not row["qc_pass"] and row["qc_reason"].startswith(("unreadable", "lateral")), (name, row["qc_reason"])
+            assert reason in row["qc_reason"], (name, row["qc_reason"])
+    print("\n" + pd.DataFrame(outcomes, columns=["file", "expected", "qc_reason"]).to_string(index=False))
+    notes = quality["detail"].fillna("")
+    assert "multi-frame" in notes["multiframe"].lower() or "frame" in notes["multiframe"].lower()
+
+
+def test_monochrome1_is_inverted_like_its_monochrome2_twin(hostile_run):
+    import numpy as np
+
+    workdir, _ = hostile_run
+    from cxrflow.tensors import TensorCache
+
+    cache = TensorCache.open(workdir / "results/preprocess/shards/0000.parquet", [])
+    index = pd.concat([pd.read_parquet(p) for p in sorted((workdir / "results/preprocess/shards").glob("*.parquet"))])
+    shards = {int(p.stem.split("_")[-1]): str(p) for p in (workdir / "results/tensors").glob("shard_*.npy")}
+    cache = TensorCache(index[index["status"] == "ok"].set_index("image_id")[["shard", "row"]], shards)
+    mono1, twin = cache.load(["mono1", "multiframe"]).astype(int)
+    assert np.abs(mono1 - twin).mean() < 3
+
+
+@pytest.mark.parametrize("kind, rows, kwargs, message", [
+    ("missing required column", None, {"header": "image_id,patient_id,sex,age,view,file"}, "annotation"),
+    ("empty table", [], {}, "no rows"),
+])
+def test_bad_tables_stop_with_one_line_naming_the_file(tmp_path, kind, rows, kwargs, message):
+    if rows is None:
+        rows = ["a,P1,Ж,50,PA,hostile/whole.png"]
+    workdir, _ = make_workdir(tmp_path, table(rows, **kwargs))
+    result = snakemake(workdir, "results/catalog.parquet")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cxrflow error:")]
+    assert len(errors) == 1 and "notes.csv" in errors[0] and message in errors[0], result.stderr[-3000:]
+    assert "Traceback (most recent call last)" not in result.stderr
+
+
+@pytest.mark.parametrize("overlay, message", [
+    ({"cohorts": {"pathologies": {"cardio": {"positive": ["enlarged_hart"]}}}}, "cohorts.pathologies.cardio.positive"),
+    ({"trian": {"epochs": 3}}, "'trian' was unexpected"),
+    ({"split": {"test": -0.2}}, "split.test"),
+    ({"cohorts": {"pathologies": {"../../etc": {"positive": ["scoliosis"]}}}}, "cohorts.pathologies"),
+    ({"source": {"format": "xray9000"}}, "source.format"),
+])
+def test_config_mistakes_stop_with_one_line_naming_the_key(tmp_path, overlay, message):
+    workdir = copy_repo(tmp_path / "repo")
+    (workdir / "bad.yaml").write_text(yaml.safe_dump(overlay))
+    result = snakemake(workdir, "-n", configfile="bad.yaml")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cxrflow config error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
