@@ -163,7 +163,7 @@ def test_tiny_workflow_runs_on_slurm(tmp_path, capsys):
     jobcomp = read_job_lines(slurm_setting("JobCompLoc"), slurm_ids, containing=f" Name={run_id} ")
     gpus = read_job_lines(Path(slurm_setting("Epilog")).parent.parent / "log" / "gpus.txt", slurm_ids)
     table = run(["squeue", "--states=all", f"--name={run_id}",
-                 "--Format=JobID:8,Comment:48,Partition:6,NodeList:10,tres-per-job:14,State:10"])
+                 "--Format=JobID:8,Comment:40,Partition:10,NodeList:10,tres-per-job:14,State:10"])
     details = {i: run(["scontrol", "show", "job", "--details", i]) for i in sorted(train_ids, key=int)}
     with capsys.disabled():  # the evidence belongs in the CI log, whatever pytest's -q/-s
         print(f"\nSLURM run {run_id}: squeue --states=all\n{table}")

@@ -2,8 +2,13 @@
 
 import numpy as np
 import pandas as pd
+import pytest
+from skimage.measure import shannon_entropy
 
-from cxrflow.quality import apply_rules, image_metrics, line_score
+from cxrflow.decode import decode_image
+from cxrflow.errors import CxrflowError
+from cxrflow.quality import (apply_rules, grey_entropy, image_metrics, line_score, percentiles, robust_bounds,
+                             to_unit_range)
 
 DEFAULTS = {"min_size": 32, "max_aspect": 2.5, "blank_std": 0.02, "dark_p50": 0.08, "bright_p50": 0.92,
             "min_dynamic_range": 0.15, "max_clipped_white": 0.25, "max_line_score": 0.35}
@@ -67,3 +72,67 @@ def test_line_score_separates_artifacts_from_anatomy():
     bad = good.copy()
     bad[100] = 1.0
     assert line_score(good) < 0.1 < 0.35 < line_score(bad)
+
+
+def test_percentiles_match_numpy():
+    rng = np.random.default_rng(3)
+    for values in [rng.random((97, 53), dtype=np.float32), rng.integers(0, 4096, (64, 64)).astype(np.float32) / 4095,
+                   np.full((10, 10), 0.25, np.float32), np.array([[0.7]], np.float32)]:
+        qs = [0, 0.5, 1, 5, 50, 95, 99, 99.5, 100]
+        assert np.allclose(percentiles(values, qs), np.percentile(values, qs), rtol=0, atol=1e-7)
+
+
+def test_entropy_equals_scikit_image():
+    rng = np.random.default_rng(4)
+    for image in [chest_like(rng), np.zeros((20, 20), np.float32), rng.random((33, 70), dtype=np.float32)]:
+        assert grey_entropy(image) == pytest.approx(shannon_entropy((image * 255).astype(np.uint8)), abs=1e-9)
+
+
+def test_to_unit_range_in_place_only_when_asked():
+    pixels = np.array([[0.0, 2047.5, 4095.0, 5000.0]], np.float32)
+    copied = to_unit_range(pixels, (0.0, 4095.0))
+    assert pixels[0, 3] == 5000.0 and copied.tolist() == [[0.0, 0.5, 1.0, 1.0]]
+    scaled = to_unit_range(pixels, (0.0, 4095.0), copy=False)
+    assert scaled is pixels and pixels.tolist() == [[0.0, 0.5, 1.0, 1.0]]
+    integers = np.array([[10, 20]], np.uint16)  # not float32: never scaled in place
+    assert to_unit_range(integers, None, copy=False).tolist() == [[0.0, 1.0]] and integers.tolist() == [[10, 20]]
+
+
+def test_robust_bounds_when_most_images_share_one_value():
+    # clipped_white is 0 for most images: MAD = 0 must not make every image that clips a little an outlier.
+    values = pd.Series([0.0] * 20 + [0.01] * 5 + [0.5])
+    lo, hi = robust_bounds(values, 5)
+    assert lo < 0 < 0.01 < hi < 0.5
+    assert robust_bounds(pd.Series([0.2] * 10), 5) == (0.2, 0.2)
+    assert robust_bounds(pd.Series([np.nan, np.nan]), 5) == (-np.inf, np.inf)
+
+
+def test_unknown_robust_metric_is_a_config_error():
+    frame = pd.DataFrame([{"image_id": "a", "status": "ok", **image_metrics(chest_like(np.random.default_rng(5)))}])
+    with pytest.raises(CxrflowError, match="robust_metrics.*'p_50'"):
+        apply_rules(frame, {"mode": "robust", "robust_metrics": ["p_50"]})
+
+
+def test_robust_mode_on_real_nih_images(shared_data):
+    """Data-driven QC on 300 real radiographs: planted defects are outliers, real images mostly are not."""
+    labels = pd.read_csv(shared_data / "nih1000" / "labels.csv").head(300)
+    units = {p: to_unit_range(d.pixels, d.meta["value_range"])
+             for p, d in ((p, decode_image(shared_data / p)) for p in labels["image_path"])}
+    first = list(units.values())[:4]
+    lines = first[2].copy()
+    lines[::8] = 1.0
+    planted = {"dark": first[0] * 0.35, "flat": 0.5 + (first[1] - 0.5) * 0.3, "lines": lines,
+               "washed_out": np.clip(first[3] * 0.6 + 0.6, 0, 1)}
+    rows = [{"image_id": k, "status": "ok", **image_metrics(v.astype(np.float32))} for k, v in {**units, **planted}.items()]
+    config = {"mode": "robust", "robust_metrics": ["p50", "dynamic_range", "entropy", "line_score", "clipped_white"],
+              "robust_k": 5}
+    out = apply_rules(pd.DataFrame(rows), config).set_index("image_id")
+    real = out.loc[list(units)]
+    print("\nrobust QC on 300 NIH images:", real["qc_reason"].value_counts(dropna=False).to_dict(),
+          "| planted:", out.loc[list(planted), "qc_reasons"].to_dict())
+    assert real["qc_pass"].mean() >= 0.95
+    assert not real["qc_reasons"].str.contains("outlier_clipped_white").any(), "no real image clips: none is flagged"
+    assert not out.loc[list(planted), "qc_pass"].any()
+    assert "outlier_line_score" in out.loc["lines", "qc_reasons"]
+    assert "outlier_clipped_white" in out.loc["washed_out", "qc_reasons"]
+    assert "outlier_dynamic_range" in out.loc["flat", "qc_reasons"]

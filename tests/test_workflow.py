@@ -76,6 +76,10 @@ def test_every_input_image_is_used_or_listed_with_a_reason(run):
     assert not truth.loc[truth["quality"] != "ok", "qc_pass"].any()
     assert truth.loc[truth["quality"] == "ok", "qc_pass"].mean() > 0.97
     assert list((run / "results" / "quality" / "rejects").glob("*.png"))
+    # One ledger lists every image left out before the cohorts: ingest rows and QC rejects, each with a reason.
+    full_ledger = pd.read_csv(run / "results" / "ledger.csv")
+    assert len(full_ledger) == len(ledger) + int((~quality["qc_pass"]).sum())
+    assert full_ledger["reason"].notna().all()
     for flow_file in (run / "results" / "cohorts").glob("*_flow.csv"):
         flow = pd.read_csv(flow_file)
         assert flow["images"].iloc[0] == len(catalog)

@@ -78,3 +78,43 @@ def flow_figure(flows: dict[str, pd.DataFrame], out_path) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=90)
     plt.close(fig)
+
+
+FLOW_STEP_TITLES = {
+    "catalog": "Catalog", "view": "View", "sex": "Sex", "age": "Age", "quality": "Quality control",
+    "exclusions": "Exclusion findings", "class": "Class definition", "balance": "Class balancing", "cap": "Cap per class",
+}
+
+
+def consort_figure(flow: pd.DataFrame, title: str, out_path) -> None:
+    """One cohort's flow as a CONSORT diagram: a box per filter, top to bottom, with the images and patients that
+    remain, and beside each arrow a box with what that filter removed and why."""
+    n = len(flow)
+    fig, ax = plt.subplots(figsize=(8.5, 1.05 * n + 0.9))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-(n - 1) - 0.6, 0.75)
+    ax.axis("off")
+    main_x, side_x = 0.27, 0.56
+    for i, (_, r) in enumerate(flow.iterrows()):
+        y = -i
+        lines = [f"{FLOW_STEP_TITLES.get(r['step'], r['step'])}" if i == 0 else f"after: {FLOW_STEP_TITLES.get(r['step'], r['step'])}",
+                 f"{int(r['images']):,} images, {int(r['patients']):,} patients"]
+        if pd.notna(r["positives"]):
+            lines.append(f"{int(r['positives']):,} positive / {int(r['negatives']):,} negative")
+        last = i == n - 1
+        ax.text(main_x, y, "\n".join(lines), ha="center", va="center", fontsize=8, fontweight="bold" if last else "normal",
+                bbox=dict(boxstyle="round,pad=0.45", fc="#dbe8f5" if last else "white", ec="steelblue", lw=1.2))
+        if i == 0:
+            continue
+        ax.annotate("", xy=(main_x, y + 0.3), xytext=(main_x, y + 0.7), arrowprops=dict(arrowstyle="-|>", color="0.3", lw=1))
+        removed_images, removed_patients = int(r["removed_images"]), int(r["removed_patients"])
+        y_mid = y + 0.5
+        ax.annotate("", xy=(side_x - 0.01, y_mid), xytext=(main_x, y_mid), arrowprops=dict(arrowstyle="-|>", color="0.5", lw=0.8))
+        text = (f"removed {removed_images:,} images ({removed_patients:,} patients)\n{r['reason']}" if removed_images
+                else f"none removed\n{r['reason']}")
+        ax.text(side_x, y_mid, text, ha="left", va="center", fontsize=7, color="black" if removed_images else "0.5",
+                bbox=dict(boxstyle="square,pad=0.4", fc="#fbeaea" if removed_images else "0.96", ec="0.6", lw=0.8))
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

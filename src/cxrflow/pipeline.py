@@ -53,7 +53,9 @@ def run_tensor_index(tables, index_out) -> None:
     log.info("tensor index: %d images, %d usable", len(index), int((index["status"] == "ok").sum()))
 
 
-def run_quality(tables, tensors, catalog_path, settings: dict, metrics_out, summary_png, sheets_dir) -> None:
+def run_quality(tables, tensors, catalog_path, ingest_ledger, settings: dict, metrics_out, summary_png, sheets_dir,
+                ledger_out) -> None:
+    """Apply the QC rules; write the metrics, the figures, and the ledger of every input left out so far."""
     from cxrflow.figures import contact_sheets, quality_histograms
     from cxrflow.quality import RULES, apply_rules
 
@@ -66,24 +68,41 @@ def run_quality(tables, tensors, catalog_path, settings: dict, metrics_out, summ
     thresholds = {metric: settings.get(key) for _, metric, _, key in RULES}
     quality_histograms(judged, thresholds, summary_png)
     contact_sheets(judged, {int(Path(t).stem.split("_")[-1]): t for t in tensors}, sheets_dir)
+    rejected = judged.loc[~judged["qc_pass"]]
+    ledger = pd.concat([
+        pd.read_csv(ingest_ledger, dtype=str),
+        pd.DataFrame({"stage": "quality", "item": rejected["image_id"], "reason": rejected["qc_reason"],
+                      "detail": rejected["detail"].fillna("")}),
+    ], ignore_index=True)
+    write_csv(ledger, ledger_out)
     log.info("quality: %d pass, rejects by reason %s", int(judged["qc_pass"].sum()),
              judged.loc[~judged["qc_pass"], "qc_reason"].value_counts().to_dict())
 
 
-def run_cohort(catalog_path, quality_path, keys_file, cohorts: dict, pathology: str, seed: int, cohort_out, flow_out) -> None:
-    from cxrflow.cohorts import build_cohort
+def run_cohort(catalog_path, quality_path, keys_file, cohorts: dict, pathology: str, seed: int, cohort_out, flow_out,
+               figure_out=None) -> None:
+    """One cohort: its rows (image_id, patient_id, label), its flow table and, given figure_out, its CONSORT diagram.
+    quality_path may be None (cohorts.filters.require_qc_pass: false, e.g. metadata-only runs)."""
+    from cxrflow.cohorts import COHORT_COLUMNS, build_cohort
+    from cxrflow.figures import consort_figure
     from cxrflow.labels import load_keys
 
     keys = load_keys(keys_file)
-    catalog = pd.read_parquet(catalog_path)
+    catalog = pd.read_parquet(catalog_path, columns=COHORT_COLUMNS + keys)  # not the report texts: they are large
     quality = pd.read_parquet(quality_path, columns=["image_id", "qc_pass"]) if quality_path else None
     cohort, flow = build_cohort(catalog, quality, cohorts, pathology, keys, seed)
     write_parquet(cohort, cohort_out)
     write_csv(flow, flow_out)
+    if figure_out:
+        name = cohorts["pathologies"][pathology].get("name", {})
+        title = f"{name.get('en', pathology)} ({name['ru']})" if name.get("ru") else name.get("en", pathology)
+        consort_figure(flow, f"Cohort flow: {title}", figure_out)
     log.info("cohort %s flow:\n%s", pathology, flow.to_string(index=False))
 
 
 def run_cohort_flows(flow_files, summary_out, figure_out) -> None:
+    """The cohorts side by side: images left after each filter, then each cohort's final positives, negatives
+    and patients (a filter that a cohort does not use is empty in its column)."""
     from cxrflow.figures import flow_figure
 
     flows = {Path(f).stem.removesuffix("_flow"): pd.read_csv(f) for f in flow_files}
@@ -99,7 +118,10 @@ def run_split(cohort_path, split: dict, seed: int, pathology: str, manifest_out)
 
     manifest = patient_exclusive_split(pd.read_parquet(cohort_path), split, seed, pathology)
     write_csv(manifest, manifest_out)
-    log.info("split %s:\n%s", pathology, manifest.groupby(["split", "label"]).size().unstack().to_string())
+    by = ["split", "fold"] if "fold" in manifest.columns else ["split"]
+    counts = manifest.groupby(by + ["label"], dropna=False).size().unstack(fill_value=0)
+    patients = manifest.groupby(by, dropna=False)["patient_id"].nunique().rename("patients")
+    log.info("split %s (images per label, and patients):\n%s", pathology, counts.join(patients).to_string())
 
 
 def run_train(manifest_path, index_path, tensor_files, config: dict, pathology: str, model_out, metadata_out, history_out) -> None:

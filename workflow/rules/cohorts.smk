@@ -1,17 +1,24 @@
+# One job per cohort, so that editing one cohort's config reruns only that cohort (cohort_settings passes
+# only what it depends on). A cohort whose target the source never labels fails with a message naming it;
+# leave such cohorts out with `cohorts.enabled` (config/padchest.yaml).
 rule cohort:
     input:
-        catalog="results/catalog.parquet",
-        quality="results/quality/metrics.parquet",
-        label_keys=config["labels"]["keys"],
+        unpack(cohort_inputs),
     output:
         cohort="results/cohorts/{pathology}.parquet",
         flow="results/cohorts/{pathology}_flow.csv",
+        figure=report(
+            "results/cohorts/{pathology}_flow.png",
+            caption="../report/cohort_flow.rst",
+            category="Cohorts",
+            subcategory="{pathology}",
+        ),
     log:
         "results/logs/cohort/{pathology}.log",
     conda:
         "../../envs/data.yaml"
     params:
-        cohorts=config["cohorts"],
+        cohorts=cohort_settings,
         seed=config["seed"],
     script:
         "../scripts/cohort.py"
@@ -21,7 +28,11 @@ rule cohort_flows:
     input:
         flows=expand("results/cohorts/{pathology}_flow.csv", pathology=PATHOLOGIES),
     output:
-        summary="results/cohorts/flow_summary.csv",
+        summary=report(
+            "results/cohorts/flow_summary.csv",
+            caption="../report/flow_summary.rst",
+            category="Cohorts",
+        ),
         figure=report(
             "results/cohorts/flow.png",
             caption="../report/flow.rst",

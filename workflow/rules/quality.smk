@@ -2,6 +2,7 @@ rule quality:
     input:
         unpack(preprocess_shards),
         catalog="results/catalog.parquet",
+        ingest_ledger="results/ingest/ledger.csv",
     output:
         metrics="results/quality/metrics.parquet",
         summary=report(
@@ -9,7 +10,13 @@ rule quality:
             caption="../report/quality.rst",
             category="Quality control",
         ),
-        sheets=directory("results/quality/rejects"),
+        sheets=report(
+            directory("results/quality/rejects"),
+            patterns=["{reason}.png"],
+            caption="../report/rejects.rst",
+            category="Quality control",
+        ),
+        ledger="results/ledger.csv",
     log:
         "results/logs/quality.log",
     conda:

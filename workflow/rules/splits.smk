@@ -1,3 +1,5 @@
+# One manifest per cohort, written once; training and evaluation read it and never split again.
+# A cohort too small to split fails naming its counts; `snakemake --keep-going` lets the others finish.
 rule split:
     input:
         cohort="results/cohorts/{pathology}.parquet",

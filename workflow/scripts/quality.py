@@ -6,8 +6,10 @@ with script(snakemake):
         snakemake.input.tables,
         snakemake.input.tensors,
         snakemake.input.catalog,
+        snakemake.input.ingest_ledger,
         snakemake.params.quality,
         snakemake.output.metrics,
         snakemake.output.summary,
         snakemake.output.sheets,
+        snakemake.output.ledger,
     )
