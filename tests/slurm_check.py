@@ -47,7 +47,9 @@ def load_profile(name):
 
 
 def run(args, cwd=None, timeout=60):
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=True).stdout
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{result.stderr[-4000:]}"
+    return result.stdout
 
 
 def copy_workflow(destination):
@@ -162,8 +164,8 @@ def test_tiny_workflow_runs_on_slurm(tmp_path, capsys):
     # SLURM's own records: jobcomp/filetxt, and the GPU lines of .ci/slurm/epilog.sh.
     jobcomp = read_job_lines(slurm_setting("JobCompLoc"), slurm_ids, containing=f" Name={run_id} ")
     gpus = read_job_lines(Path(slurm_setting("Epilog")).parent.parent / "log" / "gpus.txt", slurm_ids)
-    table = run(["squeue", "--states=all", f"--name={run_id}",
-                 "--Format=JobID:8,Comment:40,Partition:10,NodeList:10,tres-per-job:14,State:10"])
+    columns = "JobID:8,Comment:40,Partition:10,NodeList:10,tres-per-job:14,State:10"
+    table = run(["squeue", "--states=all", f"--name={run_id}", f"--Format={columns}"])
     details = {i: run(["scontrol", "show", "job", "--details", i]) for i in sorted(train_ids, key=int)}
     with capsys.disabled():  # the evidence belongs in the CI log, whatever pytest's -q/-s
         print(f"\nSLURM run {run_id}: squeue --states=all\n{table}")

@@ -339,7 +339,8 @@ def nih_format_table(n_patients: int, seed: int) -> pd.DataFrame:
 
 def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     snakemake = str(Path(sys.executable).parent / "snakemake")
-    return subprocess.run([snakemake, "--cores", "2", "--configfile", "config/meta.yaml", *args], cwd=workdir,
+    # --configfile last: it takes several values, and would swallow the targets after it.
+    return subprocess.run([snakemake, *args, "--cores", "2", "--configfile", "config/meta.yaml"], cwd=workdir,
                           capture_output=True, text=True, timeout=600)
 
 

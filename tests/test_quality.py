@@ -7,8 +7,8 @@ from skimage.measure import shannon_entropy
 
 from cxrflow.decode import decode_image
 from cxrflow.errors import CxrflowError
-from cxrflow.quality import (apply_rules, grey_entropy, image_metrics, line_score, percentiles, robust_bounds,
-                             to_unit_range)
+from cxrflow.quality import (METRICS, RULES, apply_rules, grey_entropy, image_metrics, line_score, percentiles,
+                             robust_bounds, to_unit_range)
 
 DEFAULTS = {"min_size": 32, "max_aspect": 2.5, "blank_std": 0.02, "dark_p50": 0.08, "bright_p50": 0.92,
             "min_dynamic_range": 0.15, "max_clipped_white": 0.25, "max_line_score": 0.35}
@@ -107,6 +107,16 @@ def test_robust_bounds_when_most_images_share_one_value():
     assert robust_bounds(pd.Series([np.nan, np.nan]), 5) == (-np.inf, np.inf)
 
 
+def test_schema_offers_exactly_the_computed_metrics(root):
+    import yaml
+
+    schema = yaml.safe_load((root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    quality = schema["properties"]["quality"]["properties"]
+    assert quality["robust_metrics"]["items"]["enum"] == METRICS
+    assert set(quality["robust_metrics"]["default"]) <= set(METRICS)
+    assert {key for _, _, _, key in RULES} <= set(quality), "every rule's threshold is a config key"
+
+
 def test_unknown_robust_metric_is_a_config_error():
     frame = pd.DataFrame([{"image_id": "a", "status": "ok", **image_metrics(chest_like(np.random.default_rng(5)))}])
     with pytest.raises(CxrflowError, match="robust_metrics.*'p_50'"):
@@ -123,7 +133,8 @@ def test_robust_mode_on_real_nih_images(shared_data):
     lines[::8] = 1.0
     planted = {"dark": first[0] * 0.35, "flat": 0.5 + (first[1] - 0.5) * 0.3, "lines": lines,
                "washed_out": np.clip(first[3] * 0.6 + 0.6, 0, 1)}
-    rows = [{"image_id": k, "status": "ok", **image_metrics(v.astype(np.float32))} for k, v in {**units, **planted}.items()]
+    images = {**units, **planted}
+    rows = [{"image_id": k, "status": "ok", **image_metrics(v.astype(np.float32))} for k, v in images.items()]
     config = {"mode": "robust", "robust_metrics": ["p50", "dynamic_range", "entropy", "line_score", "clipped_white"],
               "robust_k": 5}
     out = apply_rules(pd.DataFrame(rows), config).set_index("image_id")

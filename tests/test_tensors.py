@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 from skimage.measure import shannon_entropy
 
+from cxrflow.errors import CxrflowError
 from cxrflow.quality import apply_rules
 from cxrflow.synthetic import render
 from cxrflow.tensors import TensorCache, normalize, preprocess_shard, process_image, resize_with_padding, shard_of
@@ -120,7 +121,8 @@ def reference_process(pixels: np.ndarray, value_range, size: int, clip=(0.5, 99.
     metrics.update(std=small.std(), entropy=shannon_entropy((small * 255).astype(np.uint8)))
     h, w = unit.shape
     new_h, new_w = round(h * size / max(h, w)), round(w * size / max(h, w))
-    resized = np.clip(np.asarray(Image.fromarray(unit, mode="F").resize((new_w, new_h), Image.Resampling.LANCZOS)), 0, 1)
+    resized = np.asarray(Image.fromarray(unit, mode="F").resize((new_w, new_h), Image.Resampling.LANCZOS))
+    resized = np.clip(resized, 0, 1)
     low, high = np.percentile(resized, clip)
     content = np.clip((resized - low) / (high - low), 0, 1)
     out = np.zeros((size, size), np.float32)
@@ -153,6 +155,11 @@ def test_fast_process_image_matches_the_straightforward_computation(radiograph_d
     difference = np.abs(tensor.astype(int) - expected.astype(int))
     print(f"\n{size} px: |fast - exact| = {difference.mean():.3f} levels on average, at most {difference.max()}")
     assert difference.mean() < mean_levels and difference.max() <= max_levels
+
+
+def test_reversed_clip_percentiles_are_a_config_error():
+    with pytest.raises(CxrflowError, match="image.clip_percentiles"):
+        normalize(np.ones((10, 10), np.float32), 8, clip_percentiles=(99.5, 0.5))
 
 
 def test_flat_image_stays_black_with_clahe():

@@ -26,7 +26,8 @@ host=$(hostname -s)
 mungekey=/etc/munge/munge.key
 
 if [[ $(id -u) -ne 0 ]]; then
-    exec sudo --preserve-env=CXRFLOW_SLURM_DIR,CXRFLOW_SLURM_PARTITION,CXRFLOW_SLURM_CPUS,CXRFLOW_SLURM_MEM_MB,CXRFLOW_SLURM_WAIT_S "$0" "$@"
+    keep=$(compgen -e | grep '^CXRFLOW_SLURM_' | paste -sd, - || true)
+    exec sudo ${keep:+--preserve-env="$keep"} bash "$0" "$@"
 fi
 
 log() { echo "[slurm-ci] $*" >&2; }

@@ -11,7 +11,7 @@ set -euo pipefail
 state=${CXRFLOW_SLURM_DIR:-/tmp/cxrflow-slurm}
 
 if [[ $(id -u) -ne 0 ]]; then
-    exec sudo --preserve-env=CXRFLOW_SLURM_DIR "$0" "$@"
+    exec sudo --preserve-env=CXRFLOW_SLURM_DIR bash "$0" "$@"
 fi
 
 log() { echo "[slurm-ci] $*" >&2; }

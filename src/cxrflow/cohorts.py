@@ -155,8 +155,7 @@ def _shared_filters(rows: _Rows, quality: pd.DataFrame | None, filters: dict) ->
         rows.keep(rows.column("age").between(lo, hi).to_numpy(dtype=bool, na_value=False), "age",
                   f"age outside [{lo}, {hi}] (or unknown)")
     if filters.get("require_qc_pass", True) and quality is not None:
-        passed = quality.loc[quality["qc_pass"].fillna(False).astype(bool), "image_id"]
-        rows.keep(_isin(rows.column("image_id"), passed), "quality", "failed quality control or could not be decoded")
+        rows.keep(_passed_qc(rows.column("image_id"), quality), "quality", "failed quality control or could not be decoded")
     return rows
 
 
@@ -198,6 +197,16 @@ def _isin(values: pd.Series, allowed) -> np.ndarray:
     """values.isin(allowed) as a bool array; missing values never match. Arrow does the hashing: pandas' isin on
     Arrow strings walks `allowed` in Python, which takes seconds for a million quality-control rows."""
     found = pc.is_in(_arrow_strings(values), value_set=_arrow_strings(allowed))
+    return found.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _passed_qc(image_ids: pd.Series, quality: pd.DataFrame) -> np.ndarray:
+    """For each image, whether the quality table lists it as passed (an image it does not list has not passed).
+    The remaining rows, usually far fewer than the quality table's, make the hash set: two or three times faster."""
+    ids, listed = _arrow_strings(image_ids), _arrow_strings(quality["image_id"])
+    relevant = pc.is_in(listed, value_set=ids).to_numpy(zero_copy_only=False)
+    passed = relevant & quality["qc_pass"].to_numpy(dtype=bool, na_value=False)
+    found = pc.is_in(ids, value_set=listed.filter(pa.array(passed)))
     return found.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
 
 

@@ -663,7 +663,8 @@ def _as_float32(arr: np.ndarray) -> np.ndarray:
 def _check_finite(pixels: np.ndarray) -> None:
     if pixels.ndim != 2 or min(pixels.shape) < 1:
         raise DecodeError("unexpected_shape", f"pixels have shape {pixels.shape}")
-    if not np.isfinite(pixels).all():
+    # min/max propagate NaN and show +-inf without allocating a full boolean mask (1 ms instead of 5 on 2k)
+    if not (np.isfinite(pixels.min()) and np.isfinite(pixels.max())):
         raise DecodeError("non_finite", "pixel values include NaN or infinity")
 
 

@@ -97,11 +97,12 @@ def consort_figure(flow: pd.DataFrame, title: str, out_path) -> None:
     main_x, side_x = 0.27, 0.56
     for i, (_, r) in enumerate(flow.iterrows()):
         y = -i
-        lines = [f"{FLOW_STEP_TITLES.get(r['step'], r['step'])}" if i == 0 else f"after: {FLOW_STEP_TITLES.get(r['step'], r['step'])}",
+        step = FLOW_STEP_TITLES.get(r["step"], r["step"])
+        last = i == n - 1
+        lines = [step if i == 0 else f"cohort, after: {step}" if last else f"after: {step}",
                  f"{int(r['images']):,} images, {int(r['patients']):,} patients"]
         if pd.notna(r["positives"]):
             lines.append(f"{int(r['positives']):,} positive / {int(r['negatives']):,} negative")
-        last = i == n - 1
         ax.text(main_x, y, "\n".join(lines), ha="center", va="center", fontsize=8, fontweight="bold" if last else "normal",
                 bbox=dict(boxstyle="round,pad=0.45", fc="#dbe8f5" if last else "white", ec="steelblue", lw=1.2))
         if i == 0:

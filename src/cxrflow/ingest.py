@@ -90,19 +90,6 @@ def ledger_rows(items, reason, detail="", stage: str = "ingest", source: str = "
 
 # --- reading tables -------------------------------------------------------------------------------------------
 
-def detect_encoding(raw: bytes, path: Path) -> str:
-    """UTF-8 (with or without BOM) or Windows-1251. Anything else is refused rather than read as mojibake."""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        return "utf-8-sig"
-    try:
-        raw.decode("utf-8")
-        return "utf-8"
-    except UnicodeDecodeError as err:
-        utf8_error = err
-    _check_cp1251(raw, path, utf8_error)
-    return "cp1251"
-
-
 def _line_of(raw: bytes, offset: int) -> int:
     return raw.count(b"\n", 0, offset) + 1
 
@@ -208,7 +195,9 @@ def _parse_csv(data, path: Path, sep: str, head: bytes, usecols=None) -> pd.Data
         raise CxrflowError(f"{path}: cannot read the table: {message}") from None
     # One chunk per column: pandas filters, takes and factorizes a chunked column several times slower.
     table = table.combine_chunks()
-    return table.to_pandas(types_mapper={pa.large_string(): pd.StringDtype("pyarrow")}.get)
+    frame = table.to_pandas(types_mapper={pa.large_string(): pd.StringDtype("pyarrow")}.get)
+    frame.attrs["columns_in_file"] = names
+    return frame
 
 
 def _size(data) -> int:
@@ -276,7 +265,7 @@ def read_table(path: str | Path, encoding: str = "auto", sep: str | None = None,
     if table.empty:
         raise CxrflowError(f"{path}: the table has a header but no rows")
     table.columns = [str(c).strip() for c in table.columns]
-    in_file = list(table.columns)
+    in_file = table.attrs.get("columns_in_file") or list(table.columns)
     if usecols is not None:
         table = table[[c for c in table.columns if c in set(usecols)]]
     table.attrs["columns_in_file"] = in_file  # for error messages: what the file has, not what was read
@@ -593,7 +582,9 @@ def adapt_dicom(source: dict, keys: list[str], base: Path, report: Report) -> pd
         frame["image_id"] = frame["stem"]
     elif join_on != "sop_instance_uid":
         raise CxrflowError(f"source.join_on: {join_on!r} is not one of ['sop_instance_uid', 'file_stem']")
-    # An unreadable file has no tags; name it by its path so that the ledger can point at it.
+    no_uid = frame["image_id"].isna() & frame["_reason"].isna()
+    frame.loc[no_uid, ["_reason", "_detail"]] = ["no_image_id", "the header has no SOPInstanceUID"]
+    # A file left out is named by its path, so that the ledger points at it.
     frame["image_id"] = frame["image_id"].where(frame["_reason"].isna(), frame["path"])
     frame = frame.drop(columns="stem")
     for name in ("image_id", "patient_id", "sex", "view", "path", "_reason", "_detail"):
@@ -652,7 +643,7 @@ def _dicom_row(path: Path, root: Path) -> list:
             uid, has_pixels = dicom_identity(path)
     except DecodeError as err:
         return [None, path.stem, None, None, None, None, None, relative, err.reason, err.detail or str(err)]
-    except (OSError, Exception) as err:  # noqa: BLE001 - a file that breaks pydicom belongs in the ledger
+    except Exception as err:  # noqa: BLE001 - a file that breaks pydicom belongs in the ledger
         return [None, path.stem, None, None, None, None, None, relative, "unreadable", f"{type(err).__name__}: {err}"]
     reason, detail = (None, None) if has_pixels else ("no_pixel_data", "the header holds no Pixel Data element")
     return [uid, path.stem, meta.get("patient_id"), meta.get("sex"), meta.get("age"), meta.get("view"),

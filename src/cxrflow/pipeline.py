@@ -109,7 +109,7 @@ def run_cohort_flows(flow_files, summary_out, figure_out) -> None:
     summary = pd.concat({p: f.set_index("step")["images"] for p, f in flows.items()}, axis=1)
     final = pd.DataFrame({p: {"positives": f["positives"].iloc[-1], "negatives": f["negatives"].iloc[-1],
                               "patients": f["patients"].iloc[-1]} for p, f in flows.items()})
-    write_csv(pd.concat([summary, final]).reset_index(names="step"), summary_out)
+    write_csv(pd.concat([summary, final]).astype("Int64").reset_index(names="step"), summary_out)
     flow_figure(flows, figure_out)
 
 

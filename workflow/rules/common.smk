@@ -55,3 +55,8 @@ def training_settings(wildcards):
             }
         }
     }
+
+
+def shard_image_settings():
+    """What a cached tensor depends on; z-score is applied at training time and must not re-run the shards."""
+    return {key: config["image"][key] for key in ("size", "clip_percentiles", "clahe")}

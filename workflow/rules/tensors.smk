@@ -17,7 +17,7 @@ rule preprocess_shard:
         runtime=120,
     params:
         n_shards=config["preprocess"]["shards"],
-        image=config["image"],
+        image=shard_image_settings(),
     script:
         "../scripts/preprocess_shard.py"
 

@@ -1,0 +1,170 @@
+"""Training throughput: EfficientNet-B4 at 380 px, fp32 NCHW against AMP + channels_last, and the loader's rate.
+
+    python benchmarks/gpu_train.py            # one GPU: B4 at 380 px, batches 16/32/64 (a few minutes on an H100)
+    python benchmarks/gpu_train.py --quick    # tiny sizes; runs on the CPU too (tests/test_benchmarks_gpu.py)
+
+The training steps are those of cxrflow.train (`prepare_batch`, `forward_backward`, AdamW, the class-weighted BCE
+loss), on a batch already on the device, so that they measure what the GPU consumes. The loader is measured on
+its own, in the same run, as two parts and their sum:
+  * cache read: random batches read from a memory-mapped tensor cache (`TensorCache.load`), the uint8 images
+    written here to a temporary folder in the pipeline's own shard format;
+  * batch pipeline: what train.py does per step: index the epoch's images in RAM, send the uint8 batch to the
+    device, convert, augment (`BatchAugment`, on the device) and z-score;
+  * loader: both, as if every batch were read from the cache (train.py reads the cache once per run).
+It prints images/s for each, the ratio AMP + channels_last / fp32 NCHW at each batch size, and the loader's
+ratio to the fastest training rate. Goals (issue 6): AMP + channels_last >= 1.5x fp32 NCHW; >= 700 images/s for
+B4 at 380 px on an H100; the loader >= 3x what the GPU consumes.
+
+Needs torch, timm, numpy and pandas (pyarrow for the cache index); MONAI is not imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cxrflow.models import build_model  # noqa: E402
+from cxrflow.train import BatchAugment, amp_dtype_for, forward_backward, prepare_batch  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_rate(model_name: str, size: int, batch: int, device, amp_dtype, channels_last: bool, steps: int, warmup: int) -> float:
+    """Images/s of full training steps (forward, loss, backward, optimizer) on a batch resident on the device."""
+    torch.manual_seed(0)
+    model = build_model({"library": "timm", "name": model_name}).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0], device=device))
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size), dtype=np.uint8)
+    x = prepare_batch(images, device, zscore=True, channels_last=channels_last)
+    y = (torch.arange(batch, device=device) % 2).float().unsqueeze(1)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward(model, x, y, loss_fn, amp_dtype, scaler)
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * batch / (time.perf_counter() - started)
+
+
+def write_cache(folder: Path, n: int, size: int) -> tuple[Path, list[Path]]:
+    """A tensor cache in the pipeline's format: shard_0000.npy (uint8 N x S x S) and index.parquet."""
+    rng = np.random.default_rng(1)
+    shard = folder / "shard_0000.npy"
+    array = np.lib.format.open_memmap(shard, mode="w+", dtype=np.uint8, shape=(n, size, size))
+    for start in range(0, n, 256):
+        array[start : start + 256] = rng.integers(0, 256, (min(256, n - start), size, size), dtype=np.uint8)
+    array.flush()
+    del array
+    index = pd.DataFrame({"image_id": [f"img{i:06d}" for i in range(n)], "shard": 0, "row": np.arange(n), "status": "ok"})
+    index.to_parquet(folder / "index.parquet", index=False)
+    return folder / "index.parquet", [shard]
+
+
+def loader_rates(size: int, batch: int, n_images: int, batches: int, device) -> dict:
+    """Images/s of the cache read, of the per-step batch pipeline, and of both together."""
+    from cxrflow.tensors import TensorCache
+
+    rng = np.random.default_rng(2)
+    augment = BatchAugment()
+    generator = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        index, shards = write_cache(Path(tmp), n_images, size)
+        cache = TensorCache.open(index, shards)
+        ids = cache.index.index.to_numpy()
+        cache.load(ids)  # the page cache is warm in training too, after the first epoch
+        started = time.perf_counter()
+        for _ in range(batches):
+            cache.load(ids[rng.choice(len(ids), batch, replace=False)])
+        read = batches * batch / (time.perf_counter() - started)
+        in_ram = cache.load(ids)  # what train.py holds for an epoch
+
+    def pipeline_step():
+        chosen = np.sort(rng.choice(len(in_ram), batch, replace=False))
+        return prepare_batch(in_ram[chosen], device, zscore=True, augment=augment, generator=generator,
+                             channels_last=device.type == "cuda")
+
+    pipeline_step()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(batches):
+        pipeline_step()
+    sync(device)
+    pipeline = batches * batch / (time.perf_counter() - started)
+    return {"cache_read": read, "batch_pipeline": pipeline, "loader": 1 / (1 / read + 1 / pipeline)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU-friendly): 64 px, batches 2 and 4, 2 steps")
+    parser.add_argument("--model", default="efficientnet_b4")
+    parser.add_argument("--size", type=int, default=380)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--loader-images", type=int, default=2048)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.batches, args.steps, args.warmup, args.loader_images = 64, [2, 4], 2, 1, 64
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True  # as train.py does on a GPU
+    amp = amp_dtype_for(device) or torch.bfloat16  # on the CPU, bf16 autocast: exercised, not a goal
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; {args.model} at {args.size} px; AMP dtype {str(amp).removeprefix('torch.')}")
+    modes = {"fp32 NCHW": (None, False), "AMP + channels_last": (amp, True)}
+    rates: dict[str, dict[int, float | None]] = {mode: {} for mode in modes}
+    for batch in args.batches:
+        for mode, (dtype, channels_last) in modes.items():
+            try:
+                rates[mode][batch] = train_rate(args.model, args.size, batch, device, dtype, channels_last, args.steps, args.warmup)
+            except torch.cuda.OutOfMemoryError:
+                rates[mode][batch] = None
+                torch.cuda.empty_cache()
+            shown = f"{rates[mode][batch]:9.1f}" if rates[mode][batch] else "      OOM"
+            print(f"train  batch {batch:4d}  {mode:20s} {shown} images/s", flush=True)
+    ratios = {b: rates["AMP + channels_last"][b] / rates["fp32 NCHW"][b]
+              for b in args.batches if rates["AMP + channels_last"][b] and rates["fp32 NCHW"][b]}
+    for batch, ratio in ratios.items():
+        print(f"ratio  batch {batch:4d}  AMP + channels_last / fp32 NCHW = {ratio:.2f}x (goal >= 1.5x)")
+    best = max(r for mode in rates.values() for r in mode.values() if r)
+    loader = loader_rates(args.size, max(args.batches), args.loader_images, max(4, args.steps), device)
+    for part, rate in loader.items():
+        print(f"loader {part:15s} {rate:9.1f} images/s  ({rate / best:.1f}x the fastest training rate, goal >= 3x)")
+    best_amp = max((r for r in rates["AMP + channels_last"].values() if r), default=0.0)
+    print(f"best AMP + channels_last: {best_amp:.1f} images/s (goal on an H100 for B4 at 380 px: >= 700)")
+    result = {"device": name, "model": args.model, "size": args.size, "train_images_per_s": rates,
+              "amp_over_fp32": ratios, "loader_images_per_s": loader, "loader_over_fastest_training": loader["loader"] / best}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()

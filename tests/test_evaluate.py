@@ -1,0 +1,203 @@
+"""Evaluation: Table 1 metrics, the patient bootstrap, Grad-CAM, the figures and the metrics table; and the real
+NIH images, where a women-only Cardiomegaly model is trained and evaluated on the CPU."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrflow.evaluate import (evaluate_predictions, patient_bootstrap_auc, plot_confusion, plot_training_curves,
+                              threshold_metrics, youden_threshold)
+from cxrflow.gradcam import grad_cam, last_feature_module, pick_examples, plot_gradcam
+from cxrflow.models import build_model
+from cxrflow.report import metrics_table, to_markdown
+
+
+def test_youden_threshold_separates_perfectly_separable_scores():
+    labels = [0, 0, 0, 1, 1, 1]
+    probs = [0.1, 0.2, 0.35, 0.4, 0.8, 0.9]
+    threshold = youden_threshold(labels, probs)
+    assert 0.35 < threshold <= 0.4
+    metrics = threshold_metrics(labels, probs, threshold)
+    assert metrics["accuracy"] == 1.0 and metrics["confusion_matrix"] == [[3, 0], [0, 3]]
+
+
+def test_weighted_metrics_match_a_hand_count():
+    # 6 negatives (2 called positive), 4 positives (3 found): TN 4, FP 2, FN 1, TP 3.
+    labels = [0] * 6 + [1] * 4
+    probs = [0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.9, 0.9, 0.1]
+    m = threshold_metrics(labels, probs, 0.5)
+    assert m["confusion_matrix"] == [[4, 2], [1, 3]]
+    precision = (6 * 4 / 5 + 4 * 3 / 5) / 10
+    recall = (6 * 4 / 6 + 4 * 3 / 4) / 10
+    assert m["precision_weighted"] == pytest.approx(precision) and m["recall_weighted"] == pytest.approx(recall)
+    assert m["accuracy"] == pytest.approx(0.7) == pytest.approx(m["recall_weighted"])
+
+
+def test_patient_bootstrap_resamples_whole_patients():
+    rng = np.random.default_rng(0)
+    # 40 patients with 5 near-identical images each: the CI must reflect 40 units, not 200.
+    patient_scores = rng.normal(size=40)
+    patient_labels = np.arange(40) % 2
+    labels = np.repeat(patient_labels, 5)
+    probs = np.repeat(patient_scores + patient_labels * 0.8, 5) + rng.normal(scale=1e-3, size=200)
+    patients = np.repeat([f"p{i}" for i in range(40)], 5)
+    low, high = patient_bootstrap_auc(labels, probs, patients, n=400, seed=1)
+    naive_low, naive_high = patient_bootstrap_auc(labels, probs, np.arange(200).astype(str), n=400, seed=1)
+    assert low < high and (high - low) > 1.8 * (naive_high - naive_low)
+    assert patient_bootstrap_auc(labels, probs, patients, n=400, seed=1) == (low, high)  # seeded
+
+
+def test_threshold_comes_from_validation_and_metrics_from_test():
+    val = pd.DataFrame({"split": "val", "label": [0, 0, 1, 1], "prob": [0.1, 0.2, 0.7, 0.8], "patient_id": list("abcd")})
+    test = pd.DataFrame({"split": "test", "label": [0, 0, 1, 1], "prob": [0.3, 0.6, 0.65, 0.9], "patient_id": list("efgh")})
+    m = evaluate_predictions(pd.concat([val, test]), bootstrap=50, seed=0)
+    assert 0.2 < m["threshold"] <= 0.7
+    assert m["n_test"] == 4 and m["n_test_positive"] == 2 and m["auc"] == 1.0
+    assert m["at_0.5"]["confusion_matrix"] == [[1, 1], [0, 2]]
+
+
+class ToyNet(torch.nn.Module):
+    """conv (identity kernel) -> ReLU -> global mean -> x1: the logit is the image mean, so Grad-CAM is the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        self.act = torch.nn.ReLU()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0, 1, 1] = 1.0
+
+    def forward(self, x):
+        return self.pool(self.act(self.conv(x))).flatten(1)
+
+
+def test_grad_cam_lights_up_where_the_evidence_is():
+    x = torch.zeros(2, 1, 32, 32)
+    x[0, :, 2:8, 3:9] = 1.0  # top left
+    x[1, :, 20:30, 22:30] = 1.0  # bottom right
+    model = ToyNet()
+    assert last_feature_module(model, x[:1]) == "act"  # the pooling layer is not a feature map
+    heat, probs = grad_cam(model, x)
+    assert heat.shape == (2, 32, 32) and heat.max() == pytest.approx(1.0)
+    assert np.unravel_index(heat[0].argmax(), heat[0].shape) < (8, 9) and heat[0][20:, 20:].max() < 0.05
+    assert np.unravel_index(heat[1].argmax(), heat[1].shape) >= (20, 22) and heat[1][:10, :10].max() < 0.05
+    np.testing.assert_allclose(probs, torch.sigmoid(model(x)).squeeze(1).detach().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec, layer", [({"name": "resnet10t"}, "layer4.0.act2"), ({"name": "efficientnet_b0"}, "bn2.act"),
+                                         ({"library": "monai", "name": "DenseNet121"}, "class_layers.relu")])
+def test_the_explained_layer_is_the_last_feature_map(spec, layer):
+    model = build_model(spec)
+    x = torch.rand(2, 1, 64, 64)
+    assert last_feature_module(model, x[:1]) == layer
+    heat, _ = grad_cam(model, x)
+    assert heat.shape == (2, 64, 64) and np.isfinite(heat).all()
+
+
+def test_examples_and_figures(tmp_path):
+    test = pd.DataFrame({"image_id": [f"i{i}" for i in range(8)], "label": [1, 1, 1, 0, 0, 0, 0, 1],
+                         "prob": [0.9, 0.8, 0.2, 0.7, 0.95, 0.1, 0.3, 0.6]})
+    examples = pick_examples(test, 0.5, per_kind=2)
+    assert examples.groupby("kind")["image_id"].apply(list).to_dict() == {
+        "true positive": ["i0", "i1"], "false positive": ["i4", "i3"], "false negative": ["i2"]}
+    images = np.random.default_rng(0).integers(0, 255, (len(examples), 32, 32), dtype=np.uint8)
+    plot_gradcam(images, images / 255.0, examples, 0.5, "Toy", tmp_path / "gradcam.png", per_kind=2)
+    metrics = evaluate_predictions(test.assign(split="test", patient_id=test["image_id"]).pipe(
+        lambda t: pd.concat([t.assign(split="val"), t])), bootstrap=20, seed=0)
+    plot_confusion(metrics, "Toy", tmp_path / "confusion.png")
+    history = pd.DataFrame({"epoch": range(4), "train_loss": [0.9, 0.7, 0.6, 0.5], "val_auc": [0.6, 0.8, 0.75, 0.7]})
+    plot_training_curves(history, 1, "Toy", tmp_path / "curves.png")
+    for name in ("gradcam.png", "confusion.png", "curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 10_000
+
+
+def test_metrics_table_has_table1_columns_cis_and_counts(tmp_path):
+    manifest = pd.DataFrame({"image_id": list("abcdefghij"), "patient_id": list("abcdefghij"),
+                             "label": [1, 0, 1, 0, 1, 0, 1, 0, 1, 0],
+                             "split": ["train"] * 4 + ["val"] * 2 + ["test"] * 4})
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    at_half = {"accuracy": 0.5, "precision_weighted": 0.5, "recall_weighted": 0.5, "f1_weighted": 0.5,
+               "confusion_matrix": [[1, 1], [1, 1]]}
+    metrics = {"n_test": 4, "n_test_patients": 4, "n_test_positive": 2, "auc": 0.75, "auc_ci95": [0.5, 1.0], "threshold": 0.4,
+               "accuracy": 0.75, "precision_weighted": 0.8, "recall_weighted": 0.75, "f1_weighted": 0.74, "at_0.5": at_half,
+               "best_epoch": 3}
+    (tmp_path / "x.json").write_text(json.dumps(metrics))
+    table = metrics_table({"x": tmp_path / "x.json"}, {"x": tmp_path / "m.csv"}, {"x": {"en": "X finding", "ru": "Икс"}})
+    row = table.iloc[0]
+    assert (row["n_train"], row["n_train_positive"], row["n_val"], row["n_test"], row["n_test_positive"]) == (4, 2, 2, 4, 2)
+    assert (row["auc"], row["auc_ci_low"], row["auc_ci_high"]) == (0.75, 0.5, 1.0)
+    assert {"accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "accuracy_at_0.5", "f1_weighted_at_0.5"} <= set(table)
+    markdown = to_markdown(table)
+    assert "| X finding | 4 | 4 (2) | 0.750 (0.500-1.000) | 0.750 | 0.800 | 0.750 | 0.740 |" in markdown
+
+
+# --- the real NIH images ---------------------------------------------------------------------------------------
+
+NIH_COHORT = {
+    # Women, PA films only: heart size is judged on PA films (an AP film magnifies the heart), and in this sample
+    # the AP films are confounded with the label (most positive AP films come from three patients).
+    "filters": {"views": ["PA"], "sex": "F", "require_qc_pass": True},
+    "exclusions": [],
+    "balance": "none",  # every negative is kept; the loss's pos_weight balances the classes
+    "pathologies": {"enlarged_heart": {"name": {"en": "Cardiomegaly"}, "positive": ["enlarged_heart"]}},
+}
+NIH_TRAINING = {
+    "seed": 42,
+    "image": {"size": 64, "zscore": True},
+    "model": {"library": "timm", "name": "resnet10t"},
+    "train": {"epochs": 20, "batch_size": 32, "lr": 0.002, "weight_decay": 1e-4, "warmup_epochs": 1, "augment": {}},
+    "evaluate": {"bootstrap": 1000, "gradcam_examples": 4},
+    "cohorts": NIH_COHORT,
+}
+
+
+def test_nih1000_women_cardiomegaly_on_the_cpu(shared_data, root, tmp_path, monkeypatch):
+    """The must-show: real NIH images -> catalog -> 64 px tensors -> QC -> women-only Cardiomegaly cohort ->
+    patient-exclusive split -> CPU training -> test AUC with its patient-level bootstrap CI."""
+    from cxrflow.cohorts import build_cohort
+    from cxrflow.ingest import build_catalog
+    from cxrflow.labels import load_keys
+    from cxrflow.pipeline import run_evaluate, run_train
+    from cxrflow.quality import apply_rules
+    from cxrflow.splits import patient_exclusive_split
+    from cxrflow.tensors import preprocess_shard
+
+    monkeypatch.setenv("CXRFLOW_PSEUDONYM_KEY", "test-key")
+    labels = pd.read_csv(shared_data / "nih1000" / "labels.csv", dtype=str)
+    # The NIH adapter reads NIH's own Data_Entry table; labels.csv carries the same fields under other names.
+    pd.DataFrame({"Image Index": labels["image_path"], "Finding Labels": labels["finding_labels"],
+                  "Patient ID": labels["patient_id"], "Patient Age": labels["age"], "Patient Gender": labels["sex"],
+                  "View Position": labels["view"]}).to_csv(tmp_path / "Data_Entry.csv", index=False)
+    source = {"format": "nih", "annotations": str(tmp_path / "Data_Entry.csv"), "images": str(shared_data),
+              "label_map": str(root / "config" / "labels" / "nih.yaml")}
+    keys_file = root / "config" / "labels" / "keys.yaml"
+    catalog = build_catalog(source, keys_file, base="/").catalog
+    assert len(catalog) == 1000 and int(catalog["enlarged_heart"].sum()) == 83
+    table = preprocess_shard(catalog, 0, 1, 64, {}, tmp_path / "shard_0000.npy", tmp_path / "index.parquet")
+    quality = apply_rules(table, {"dark_p50": 0.08, "bright_p50": 0.92, "blank_std": 0.02, "max_line_score": 0.35})
+    cohort, flow = build_cohort(catalog, quality, NIH_COHORT, "enlarged_heart", load_keys(keys_file), seed=42)
+    manifest = patient_exclusive_split(cohort, {"val": 0.15, "test": 0.25}, 42, "enlarged_heart")
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    print("\n" + flow.to_string(index=False))
+    print(manifest.groupby(["split", "label"]).agg(images=("image_id", "size"), patients=("patient_id", "nunique")))
+
+    out = tmp_path / "model"
+    shards = [tmp_path / "shard_0000.npy"]
+    run_train(tmp_path / "manifest.csv", tmp_path / "index.parquet", shards, NIH_TRAINING, "enlarged_heart",
+              out / "model.pt", out / "metadata.json", out / "history.csv")
+    metrics = run_evaluate(out / "model.pt", out / "metadata.json", tmp_path / "manifest.csv", tmp_path / "index.parquet",
+                           shards, NIH_TRAINING, "enlarged_heart", tmp_path / "metrics.json", tmp_path / "pred.csv",
+                           tmp_path / "roc.png", history_path=out / "history.csv", confusion_out=tmp_path / "cm.png",
+                           curves_out=tmp_path / "curves.png", gradcam_out=tmp_path / "gradcam.png")
+    low, high = metrics["auc_ci95"]
+    print(f"NIH1000 women, Cardiomegaly, PA, 64 px, CPU: test AUC {metrics['auc']:.3f} (95% CI {low:.3f}-{high:.3f}); "
+          f"{metrics['n_test']} test images, {metrics['n_test_positive']} positive, {metrics['n_test_patients']} patients")
+    if os.environ.get("CXRFLOW_KEEP"):
+        print(pd.read_csv(out / "history.csv").round(3).to_string())
+    assert low <= metrics["auc"] <= high
+    assert metrics["auc"] >= 0.70
