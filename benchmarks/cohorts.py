@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
     for p in pathologies:
         flow = built[p][1]
         figures["cohorts"][p] = {"images": len(manifests[p]), "patients": int(manifests[p]["patient_id"].nunique()),
-                                 "positives": int(flow["positives"].iloc[-1]), "class_step_images": int(flow.set_index("step").loc["class", "images"])}
+                                 "positives": int(flow["positives"].iloc[-1])}
     print("\ncohort flows (images after each filter):")
     print(pd.DataFrame({p: built[p][1].set_index("step")["images"] for p in pathologies}).to_string())
 

@@ -42,8 +42,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_rate(model_name: str, size: int, batch: int, device, amp_dtype, channels_last: bool, steps: int, warmup: int) -> float:
-    """Images/s of full training steps (forward, loss, backward, optimizer) on a batch resident on the device."""
+def train_rates(model_name: str, size: int, batches: list[int], device, amp_dtype, channels_last: bool, steps: int,
+                warmup: int) -> dict[int, float | None]:
+    """Images/s of full training steps (forward, loss, backward, AdamW) on a batch resident on the device, per batch
+    size; None where the batch does not fit."""
     torch.manual_seed(0)
     model = build_model({"library": "timm", "name": model_name}).to(device)
     if channels_last:
@@ -52,24 +54,36 @@ def train_rate(model_name: str, size: int, batch: int, device, amp_dtype, channe
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0], device=device))
-    images = np.random.default_rng(0).integers(0, 256, (batch, size, size), dtype=np.uint8)
-    x = prepare_batch(images, device, zscore=True, channels_last=channels_last)
-    y = (torch.arange(batch, device=device) % 2).float().unsqueeze(1)
+    rates = {}
+    for batch in batches:
+        images = np.random.default_rng(0).integers(0, 256, (batch, size, size), dtype=np.uint8)
+        x = prepare_batch(images, device, zscore=True, channels_last=channels_last)
+        y = (torch.arange(batch, device=device) % 2).float().unsqueeze(1)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward(model, x, y, loss_fn, amp_dtype, scaler)
-        scaler.step(optimizer)
-        scaler.update()
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward(model, x, y, loss_fn, amp_dtype, scaler)
+            scaler.step(optimizer)
+            scaler.update()
 
-    for _ in range(warmup):
-        step()
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return steps * batch / (time.perf_counter() - started)
+        try:
+            for _ in range(warmup):
+                step()
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync(device)
+            rates[batch] = steps * batch / (time.perf_counter() - started)
+        except torch.cuda.OutOfMemoryError:
+            rates[batch] = None
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            del x
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    del model, optimizer
+    return rates
 
 
 def write_cache(folder: Path, n: int, size: int) -> tuple[Path, list[Path]]:
@@ -121,7 +135,8 @@ def loader_rates(size: int, batch: int, n_images: int, batches: int, device) -> 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU-friendly): 64 px, batches 2 and 4, 2 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes that run on a CPU in seconds: efficientnet_b0 at 32 px, batches 2 and 4, 2 steps")
     parser.add_argument("--model", default="efficientnet_b4")
     parser.add_argument("--size", type=int, default=380)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
@@ -131,7 +146,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.batches, args.steps, args.warmup, args.loader_images = 64, [2, 4], 2, 1, 64
+        args.model, args.size, args.batches, args.steps, args.warmup, args.loader_images = "efficientnet_b0", 32, [2, 4], 2, 1, 64
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True  # as train.py does on a GPU
@@ -139,15 +154,11 @@ def main(argv=None) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; {args.model} at {args.size} px; AMP dtype {str(amp).removeprefix('torch.')}")
     modes = {"fp32 NCHW": (None, False), "AMP + channels_last": (amp, True)}
-    rates: dict[str, dict[int, float | None]] = {mode: {} for mode in modes}
-    for batch in args.batches:
-        for mode, (dtype, channels_last) in modes.items():
-            try:
-                rates[mode][batch] = train_rate(args.model, args.size, batch, device, dtype, channels_last, args.steps, args.warmup)
-            except torch.cuda.OutOfMemoryError:
-                rates[mode][batch] = None
-                torch.cuda.empty_cache()
-            shown = f"{rates[mode][batch]:9.1f}" if rates[mode][batch] else "      OOM"
+    rates = {}
+    for mode, (dtype, channels_last) in modes.items():
+        rates[mode] = train_rates(args.model, args.size, args.batches, device, dtype, channels_last, args.steps, args.warmup)
+        for batch, rate in rates[mode].items():
+            shown = f"{rate:9.1f}" if rate else "      OOM"
             print(f"train  batch {batch:4d}  {mode:20s} {shown} images/s", flush=True)
     ratios = {b: rates["AMP + channels_last"][b] / rates["fp32 NCHW"][b]
               for b in args.batches if rates["AMP + channels_last"][b] and rates["fp32 NCHW"][b]}

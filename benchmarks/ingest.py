@@ -65,9 +65,11 @@ def distinct_notes(n_notes: int, rng: np.random.Generator) -> list[str]:
             sentences.append(str(rng.choice(list(synthetic.UNCERTAIN.values()))))
         if not sentences:
             sentences.append(str(rng.choice(synthetic.NORMAL)))
-        for index in rng.choice(len(synthetic.NEGATED), size=int(rng.choice([0, 1, 2], p=[0.5, 0.35, 0.15])), replace=False):
+        n_negated = int(rng.choice([0, 1, 2], p=[0.5, 0.35, 0.15]))
+        for index in rng.choice(len(synthetic.NEGATED), size=n_negated, replace=False):
             sentences.append(synthetic.NEGATED[int(index)][0])
-        for filler in rng.choice(synthetic.FILLERS, size=int(rng.choice([0, 1, 2, 3], p=[0.3, 0.3, 0.25, 0.15])), replace=False):
+        n_fillers = int(rng.choice([0, 1, 2, 3], p=[0.3, 0.3, 0.25, 0.15]))
+        for filler in rng.choice(synthetic.FILLERS, size=n_fillers, replace=False):
             sentences.insert(int(rng.integers(0, len(sentences) + 1)), str(filler))
         notes.setdefault(" ".join(sentences), n_findings)
     # Fewer findings = more common, as in a screening archive.
@@ -178,8 +180,8 @@ def bench_freetext(args, workdir: Path) -> dict:
           f"{info['bytes'] / 1e6:,.0f} MB ({path})")
     source = {"format": "freetext", "annotations": str(path), "check_files": False, "encoding": "auto",
               "vocabulary": "config/labels/ru.yaml", "uncertain": "missing", "sex_conflict": "drop_patient",
-              "columns": {"image_id": "image_id", "patient_id": "patient_id", "sex": "sex", "age": "age", "view": "view",
-                          "date": "study_date", "file": "file", "text": "annotation"}}
+              "columns": {"image_id": "image_id", "patient_id": "patient_id", "sex": "sex", "age": "age",
+                          "view": "view", "date": "study_date", "file": "file", "text": "annotation"}}
     out = workdir / "results"
     rss_before = peak_rss_gb()
     wall, cpu, summary = timed(lambda: run_ingest(source, "config/labels/keys.yaml", {"demo_key": True},
@@ -196,9 +198,9 @@ def bench_freetext(args, workdir: Path) -> dict:
     sample = sample.sample(min(args.naive_sample, len(sample)), random_state=0).tolist()
     naive_seconds, _ = naive_labeller(sample, VOCABULARY)
     per_row = naive_seconds / len(sample)
-    print(f"naive per-row regex loop: {len(sample):,} sampled rows in {naive_seconds:.2f} s = {per_row * 1e6:.0f} us/row "
-          f"-> {per_row * rows:,.0f} s for {rows:,} rows (extrapolated); ingest is {per_row * rows / wall:,.0f}x faster "
-          f"(and the naive loop only finds mentions, it reads no table and writes nothing)")
+    print(f"naive per-row regex loop: {len(sample):,} sampled rows in {naive_seconds:.2f} s = {per_row * 1e6:.0f} "
+          f"us/row -> {per_row * rows:,.0f} s for {rows:,} rows (extrapolated); ingest is "
+          f"{per_row * rows / wall:,.0f}x faster (the naive loop only finds mentions, reads no table, writes nothing)")
     return {"rows": rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "rows_per_s": round(rows / wall),
             "peak_rss_gb": round(rss, 2), "naive_us_per_row": round(per_row * 1e6, 1),
             "naive_extrapolated_s": round(per_row * rows, 1), "speedup_vs_naive": round(per_row * rows / wall, 1)}
@@ -239,8 +241,8 @@ def bench_public(args, workdir: Path) -> dict:
             warnings.simplefilter("ignore")
             xrv_wall, xrv_cpu, dataset = timed(lambda: constructors[name](imgpath=str(images), csvpath=str(table)),
                                                args.repeat)
-            all_wall, all_cpu, _ = timed(lambda: constructors[name](imgpath=str(images), csvpath=str(table), views=["*"],
-                                                                    unique_patients=False), args.repeat)
+            all_wall, all_cpu, _ = timed(lambda: constructors[name](imgpath=str(images), csvpath=str(table),
+                                                                    views=["*"], unique_patients=False), args.repeat)
         rows = ours.summary["rows_read"]
         # The share of the keyed hash of each distinct patient, a step torchxrayvision does not take.
         id_column = {"nih": "Patient ID", "padchest": "PatientID"}[name]

@@ -315,7 +315,7 @@ def test_padchest_nine_cohorts_of_config_padchest_yaml_on_the_real_table(shared_
     assert set(cohorts["pathologies"]) - set(enabled) == {"enlarged_heart_shadow", "aorta_compacted", "aortic_arch_sclerosis"}
     # The README's counts for frontal women (views PA, AP, AP_horizontal): 54,835 images, of which 5,553 cardiomegaly.
     assert 50_000 < table.loc["sex", "enlarged_heart"] <= 54_835
-    assert table.loc["balance", "enlarged_heart"] > 6_000
+    assert table.loc["balance", "enlarged_heart"] > 4_000
     assert table.loc["balance", "dome_relaxation"] > 300
 
 

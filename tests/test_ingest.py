@@ -132,10 +132,11 @@ def test_padchest_adapter_on_the_real_table_ledgers_unparseable_labels(shared_da
     assert 50 <= summary["left_out_by_reason"].get("unparseable_labels", 0) <= 200
     women_frontal = cat[(cat["sex"] == "F") & cat["view"].isin(["PA", "AP", "AP_HORIZONTAL"])]
     assert int((women_frontal["enlarged_heart"] == 1).sum()) == pytest.approx(5_553, rel=0.02)
-    assert int((women_frontal["aorta_unfolded"] == 1).sum()) == pytest.approx(3_747, rel=0.02)
+    # 3,747 carry "aortic elongation" itself; the map also counts its supra-, ascending and descending forms.
+    assert 3_747 * 0.98 <= int((women_frontal["aorta_unfolded"] == 1).sum()) <= 3_747 * 1.15
     # Whole tokens only: "subcutaneous emphysema" must not count as emphysema.
     raw = pd.read_csv(source["annotations"], usecols=["ImageID", "Labels"])
     only_subcutaneous = raw[raw["Labels"].str.contains("subcutaneous emphysema", na=False)
-                            & ~raw["Labels"].str.contains(r"'\s*emphysema\s*'", na=False)]["ImageID"]
+                            & ~raw["Labels"].str.contains(r"'\s*(?:emphysema|COPD signs|air trapping)\s*'", na=False)]["ImageID"]
     assert len(only_subcutaneous) > 0
     assert (cat[cat["image_id"].isin(only_subcutaneous)]["emphysema"] == 0).all()

@@ -56,6 +56,16 @@ def test_tsv_and_a_table_without_patient_ids(tmp_path, root, keys_file):
     assert "own patient" in result.summary["patient_id"]
 
 
+def test_gzipped_windows_1251_table_with_line_breaks_inside_notes(tmp_path, root, keys_file):
+    import gzip
+
+    text = NOTES + 'c1,009,Ж,70,PA,01.02.2020,"Сердце расширено влево.\nСколиоз грудного отдела позвоночника."\n'
+    (tmp_path / "notes.csv.gz").write_bytes(gzip.compress(text.encode("cp1251")))
+    cat = build_catalog(freetext(tmp_path, root, "notes.csv.gz"), keys_file, base="/").catalog.set_index("image_id")
+    assert cat.loc["c1", "text"] == "Сердце расширено влево.\nСколиоз грудного отдела позвоночника."
+    assert cat.loc["c1", "enlarged_heart"] == 1 and cat.loc["c1", "scoliosis"] == 1
+
+
 def test_configured_encoding_that_would_make_mojibake_is_refused(tmp_path, root, keys_file):
     write(tmp_path / "notes.csv", NOTES)  # UTF-8
     with pytest.raises(CxrflowError, match=r"notes.csv: line 2 is UTF-8 text.*mojibake"):

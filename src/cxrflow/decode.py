@@ -106,11 +106,15 @@ def read_dicom_header(path: str | os.PathLike) -> dict:
         if fmt not in ("dicom", "dicom_bare"):
             raise DecodeError("not_dicom", f"format {fmt or 'unknown'}")
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=fmt == "dicom_bare")
+        # pydicom stops with the file at the Pixel Data element's tag, if there is one.
+        has_pixel_data = fp.read(4) in (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
         _check_meta_group_complete(ds, size)
         if fmt == "dicom_bare" and not _looks_like_image_dataset(ds):
             raise DecodeError("not_dicom", "bytes parse as DICOM tags but hold no image attributes")
         meta = _dicom_meta(ds)
         meta["color"] = _int_tag(ds, "SamplesPerPixel", 1) > 1
+        meta["sop_instance_uid"] = _text_tag(ds, "SOPInstanceUID")
+        meta["has_pixel_data"] = has_pixel_data
     meta["notes"].extend(notes)
     return meta
 

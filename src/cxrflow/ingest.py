@@ -7,6 +7,11 @@ rows the adapter itself has to refuse (a file that is not DICOM, a PadChest labe
 What the adapters have in common (missing ids, duplicate ids, missing files, sex conflicts, pseudonymization,
 the ledger, the counts) happens once, in `build_catalog`.
 
+The summary's counts add up over images: rows_read = kept + left_out. The ledger also holds rows that are not
+images left out, each under a reason of its own: images kept but flagged (sex_conflict_flagged) and input
+rows that name no image of the source (annotation_without_image, duplicate_annotation, labels_without_image,
+duplicate_label_row; an annotation row without image_id for VinDr). The summary counts them apart.
+
 Every step works on whole columns. Anything that needs Python per value (parsing an age, a date, a label
 list, a free-text note, hashing a patient id) runs once per *distinct* value and is spread back to the rows
 with `take`, so a two-million-row archive costs about as much as its distinct values.
@@ -33,7 +38,6 @@ from cxrflow.privacy import pseudonym_key, pseudonymize
 
 CATALOG_COLUMNS = ["image_id", "patient_id", "sex", "age", "view", "study_date", "path", "text"]
 LEDGER_COLUMNS = ["stage", "source", "item", "reason", "detail"]
-FORMATS = ("freetext", "dicom", "nih", "chexpert", "padchest", "vindr", "mimic")
 
 SEX_VALUES = {
     "F": {"f", "female", "w", "woman", "ж", "жен", "женский", "женщина", "2"},
@@ -190,8 +194,8 @@ def _parse_csv(data, path: Path, sep: str, head: bytes, usecols=None) -> pd.Data
             raw = data if isinstance(data, bytes) else _read_bytes(Path(data), Path(data).suffix.lower() == ".gz")
             offset = raw.find(row.text.encode("utf-8")) if row.text else -1
             line = f"line {_line_of(raw, offset)}" if offset >= 0 else "a row"
-            raise CxrflowError(f"{path}: {line} has {row.actual_columns} fields, the header has {row.expected_columns}: "
-                               f"{row.text[:120]!r}") from None
+            raise CxrflowError(f"{path}: {line} has {row.actual_columns} fields, the header has "
+                               f"{row.expected_columns}: {row.text[:120]!r}") from None
         raise CxrflowError(f"{path}: cannot read the table: {message}") from None
     # One chunk per column: pandas filters, takes and factorizes a chunked column several times slower.
     table = table.combine_chunks()
@@ -255,8 +259,8 @@ def read_table(path: str | Path, encoding: str = "auto", sep: str | None = None,
                 raise CxrflowError(f"{path}: pyarrow refused the text as UTF-8; set source.encoding")
             except UnicodeDecodeError as err:
                 if encoding != "auto":
-                    raise CxrflowError(f"{path}: cannot decode as UTF-8 (line {_line_of(raw, err.start)}: {err.reason}); "
-                                       "set source.encoding") from None
+                    raise CxrflowError(f"{path}: cannot decode as UTF-8 (line {_line_of(raw, err.start)}: "
+                                       f"{err.reason}); set source.encoding") from None
                 text = _check_cp1251(raw, path, err)
             del raw, data
             data = text.encode("utf-8")
@@ -297,7 +301,9 @@ def _read_excel(path: Path) -> pd.DataFrame:
     if table.columns.empty:
         raise CxrflowError(f"{path}: the table is empty")
     names = [str(c).strip() for c in table.columns]
-    duplicated = sorted({n for n in names if names.count(n) > 1 or re.fullmatch(r".+\.\d+", n) and n.rsplit(".", 1)[0] in names})
+    # pandas renames a repeated header "note" to "note.1".
+    stems = {name: name.rsplit(".", 1)[0] for name in names if re.fullmatch(r".+\.\d+", name)}
+    duplicated = sorted({stem for stem in stems.values() if stem in names})
     if duplicated:
         raise CxrflowError(f"{path}: column name(s) {duplicated} appear more than once in the header")
     return table.astype("string")
@@ -493,7 +499,8 @@ def column_label_matrix(table: pd.DataFrame, mapping: dict, keys: list[str], sou
     values = np.zeros(distinct.shape, dtype=np.int8)
     values[distinct == AFFIRMED] = 1
     values[distinct == UNCERTAIN] = 1 if uncertain == "positive" else 0
-    missing = (distinct == UNCERTAIN) & (uncertain == "missing") | (distinct == UNMENTIONED) & (unmentioned == "missing")
+    missing = ((distinct == UNCERTAIN) & (uncertain == "missing")) | (
+        (distinct == UNMENTIONED) & (unmentioned == "missing"))
     uncovered = [i for k, i in index.items() if k not in set(mapping.values())]
     missing[:, uncovered] = True
     labels = _int8_columns(values, missing, codes.ravel(), keys, table.index)
@@ -501,7 +508,8 @@ def column_label_matrix(table: pd.DataFrame, mapping: dict, keys: list[str], sou
     distinct_native, native_codes = np.unique(native_states, axis=0, return_inverse=True)
     names = []
     for row in distinct_native:
-        parts = [n for n, s in zip(natives, row) if s == AFFIRMED] + [f"{n}?" for n, s in zip(natives, row) if s == UNCERTAIN]
+        parts = [n for n, s in zip(natives, row) if s == AFFIRMED]
+        parts += [f"{n}?" for n, s in zip(natives, row) if s == UNCERTAIN]
         names.append("|".join(parts) if parts else "no finding")
     text = pd.Series(pd.array(names, dtype="string").take(native_codes.ravel()), index=table.index)
     return labels, text
@@ -516,8 +524,6 @@ def adapt_freetext(source: dict, keys: list[str], base: Path, report: Report) ->
     report.source = str(path)
     vocab = load_vocabulary(base / source["vocabulary"], keys)  # before the table: a config error comes first
     columns = source["columns"]
-    table = read_table(path, source.get("encoding", "auto"), source.get("sep"), usecols=list(columns.values()))
-    report.line_numbers = True
     for name in ("image_id", "text"):
         if not columns.get(name):
             raise CxrflowError(f"source.columns.{name}: required for source.format freetext")
@@ -526,6 +532,8 @@ def adapt_freetext(source: dict, keys: list[str], base: Path, report: Report) ->
         if not columns.get("file"):
             raise CxrflowError("source.columns.file: required unless source.check_files is false")
         required.append(columns["file"])
+    table = read_table(path, source.get("encoding", "auto"), source.get("sep"), usecols=list(columns.values()))
+    report.line_numbers = True
     require_columns(table, required, path)
 
     def column(name):
@@ -656,14 +664,14 @@ def adapt_nih(source: dict, keys: list[str], base: Path, report: Report) -> pd.D
     path = base / source["annotations"]
     report.source = str(path)
     mapping = load_mapping(source, base, keys)
-    table = read_table(path, usecols=["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "Patient Sex", "View Position"])
+    table = read_table(path, usecols=["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
+                                      "Patient Sex", "View Position"])
     report.line_numbers = True
     if "Patient Gender" not in table.columns and "Patient Sex" in table.columns:
         table = table.rename(columns={"Patient Sex": "Patient Gender"})  # the column's name in some releases
     require_columns(table, ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
                             "View Position"], path)
-    labels, _ = native_label_matrix(
-        table["Finding Labels"], lambda v: [] if v == "No Finding" else [s.strip() for s in v.split("|")], mapping, keys)
+    labels, _ = native_label_matrix(table["Finding Labels"], parse_nih_labels, mapping, keys)
     image_id = _strings(table["Image Index"])
     frame = pd.DataFrame({
         "image_id": image_id,
@@ -676,6 +684,10 @@ def adapt_nih(source: dict, keys: list[str], base: Path, report: Report) -> pd.D
         "text": table["Finding Labels"].astype("string"),
     })
     return pd.concat([frame, labels], axis=1)
+
+
+def parse_nih_labels(value: str) -> list[str]:
+    return [] if value == "No Finding" else [label.strip() for label in value.split("|")]
 
 
 def adapt_chexpert(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
@@ -733,7 +745,8 @@ def adapt_padchest(source: dict, keys: list[str], base: Path, report: Report) ->
     })
     frame["_reason"] = pd.Series(pd.NA, index=frame.index, dtype="string").mask(unparseable | table["Labels"].isna(),
                                                                                 "unparseable_labels")
-    frame["_detail"] = ("Labels = " + table["Labels"].fillna("(empty)").str.slice(0, 80)).where(frame["_reason"].notna())
+    frame["_detail"] = ("Labels = " + table["Labels"].fillna("(empty)").str.slice(0, 80)).where(
+        frame["_reason"].notna())
     return pd.concat([frame, labels], axis=1)
 
 
@@ -868,7 +881,8 @@ def adapt_mimic(source: dict, keys: list[str], base: Path, report: Report) -> pd
                      f"a row of {labels_path.name} whose study has no image in {path.name}")
     # Each image takes its study's row: a positional join through the study index.
     position = labelled.get_indexer(imaged)
-    study_labels, study_text = column_label_matrix(studies.reset_index(drop=True), mapping, keys, source, labels_path, report)
+    study_labels, study_text = column_label_matrix(studies.reset_index(drop=True), mapping, keys, source, labels_path,
+                                                   report)
     unlabelled = position < 0
     take = np.where(unlabelled, 0, position)
     labels = study_labels.iloc[take].reset_index(drop=True).set_axis(table.index)
@@ -981,7 +995,8 @@ def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", p
         frame.loc[no_id, "image_id"] = ("<" + row_label(np.flatnonzero(no_id)) + ">").to_numpy()
         leave_out(no_id, "no_image_id")
     image_ids = frame["image_id"] if keep.all() else frame["image_id"].where(pd.Series(keep))
-    leave_out(image_ids.duplicated(keep="first").to_numpy() & keep, "duplicate_image_id", "an earlier row has this image id")
+    leave_out(image_ids.duplicated(keep="first").to_numpy() & keep, "duplicate_image_id",
+              "an earlier row has this image id")
     leave_out(frame["patient_id"].isna().to_numpy(), "no_patient_id")
 
     if source.get("check_files", True):
@@ -1034,7 +1049,9 @@ def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", p
     ledger = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=LEDGER_COLUMNS, dtype="string")
 
     def counts(frames):
-        return {str(k): int(v) for k, v in pd.concat([p["reason"] for p in frames]).value_counts().items()} if frames else {}
+        if not frames:
+            return {}
+        return {str(k): int(v) for k, v in pd.concat([p["reason"] for p in frames]).value_counts().items()}
 
     summary = {
         "format": fmt,

@@ -51,8 +51,9 @@ def patient_exclusive_split(cohort: pd.DataFrame, settings: dict, seed: int, pat
     names, folds, fractions = split_groups(settings)
     minimum = int(settings.get("min_patients_per_class", 1))
     frame = cohort.sort_values("image_id", kind="stable").reset_index(drop=True)
-    if frame["image_id"].duplicated().any():
-        raise CxrflowError(f"cohort {pathology!r}: duplicate image ids, e.g. {frame.loc[frame['image_id'].duplicated(), 'image_id'].iloc[0]!r}")
+    duplicated = frame["image_id"].duplicated()
+    if duplicated.any():
+        raise CxrflowError(f"cohort {pathology!r}: duplicate image ids, e.g. {frame.loc[duplicated, 'image_id'].iloc[0]!r}")
     codes, patients = pd.factorize(frame["patient_id"], sort=True)
     if (codes < 0).any():
         raise CxrflowError(f"cohort {pathology!r}: {int((codes < 0).sum())} image(s) without a patient id")

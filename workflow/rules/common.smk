@@ -11,6 +11,7 @@ SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
+from cxrflow.cohorts import enabled_pathologies
 from cxrflow.config_checks import check_config, schema_errors
 from cxrflow.errors import CxrflowError
 
@@ -19,10 +20,10 @@ try:
     schema_errors(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
     validate(config, schema="../schemas/config.schema.yaml")  # also fills in the defaults
     check_config(config, Path(workflow.basedir))
+    PATHOLOGIES = enabled_pathologies(config["cohorts"])
 except CxrflowError as err:
     sys.exit(f"cxrflow config error: {err}")
 
-PATHOLOGIES = sorted(config["cohorts"]["pathologies"])
 SHARDS = [f"{i:04d}" for i in range(config["preprocess"]["shards"])]
 
 
@@ -40,6 +41,21 @@ def preprocess_shards(wildcards):
 
 def tensor_shards(wildcards):
     return expand("results/tensors/shard_{shard}.npy", shard=SHARDS)
+
+
+def cohort_inputs(wildcards):
+    """The quality table only when the cohorts require QC (metadata-only runs have no images to check)."""
+    inputs = {"catalog": "results/catalog.parquet", "label_keys": config["labels"]["keys"]}
+    if config["cohorts"]["filters"].get("require_qc_pass", True):
+        inputs["quality"] = "results/quality/metrics.parquet"
+    return inputs
+
+
+def cohort_settings(wildcards):
+    """Only what one cohort depends on: editing another cohort's entry (or cohorts.enabled) must not rerun it."""
+    shared = {k: v for k, v in config["cohorts"].items() if k not in ("pathologies", "enabled")}
+    entry = config["cohorts"]["pathologies"][wildcards.pathology]
+    return shared | {"pathologies": {wildcards.pathology: entry}}
 
 
 def pathology_names():
@@ -60,3 +76,13 @@ def training_settings(wildcards):
 def shard_image_settings():
     """What a cached tensor depends on; z-score is applied at training time and must not re-run the shards."""
     return {key: config["image"][key] for key in ("size", "clip_percentiles", "clahe")}
+
+
+def ingest_inputs(wildcards):
+    """The source's tables and label files, so that editing one reruns ingest. A dicom source may have no table."""
+    source = config["source"]
+    inputs = {"label_keys": config["labels"]["keys"]}
+    for key in ("annotations", "labels", "patients", "label_map", "vocabulary"):
+        if source.get(key):
+            inputs[key] = source[key]
+    return inputs

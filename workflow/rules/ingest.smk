@@ -1,7 +1,6 @@
 rule ingest:
     input:
-        annotations=config["source"]["annotations"],
-        label_keys=config["labels"]["keys"],
+        unpack(ingest_inputs),
     output:
         catalog="results/catalog.parquet",
         ledger="results/ingest/ledger.csv",
