@@ -29,7 +29,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = REPO / "profiles"
-TINY_CONFIG = "config/tiny.yaml"
+TINY_CONFIG = ["config/tiny.yaml", "config/tiny-slurm.yaml"]  # two cohorts: the same checks, a third of the time
 METRICS_TABLE = "results/metrics_table.csv"
 TRAIN_RULE = "train"
 # Jobs that Snakemake may run on the submit host: `all` only collects targets.
@@ -90,7 +90,7 @@ def test_ci_overlay_repeats_slurm_defaults():
 def test_profiles_use_rules_that_exist():
     if not (REPO / "Snakefile").exists():
         pytest.skip("no Snakefile yet")
-    rules = set(run(SNAKEMAKE + ["--list-rules", "--configfile", TINY_CONFIG], cwd=REPO).split())
+    rules = set(run(SNAKEMAKE + ["--list-rules", "--configfile", *TINY_CONFIG], cwd=REPO).split())
     slurm = load_profile("slurm")
     named = set(slurm.get("set-resources", {})) | set(slurm.get("set-threads", {}))
     assert named <= rules, f"profiles/slurm names rules the workflow lacks: {sorted(named - rules)}"
@@ -101,7 +101,7 @@ def test_cluster_profiles_parse(tmp_path):
         pytest.skip("no Snakefile yet")
     pytest.importorskip("snakemake_executor_plugin_slurm")
     copy_workflow(tmp_path / "cxrflow")
-    run(SNAKEMAKE + SLURM_PROFILES + ["--configfile", TINY_CONFIG, "--dry-run", "--quiet"], cwd=tmp_path / "cxrflow")
+    run(SNAKEMAKE + SLURM_PROFILES + ["--dry-run", "--quiet", "--configfile", *TINY_CONFIG], cwd=tmp_path / "cxrflow")
 
 
 # --- the tiny workflow on SLURM ---------------------------------------------------
@@ -144,7 +144,7 @@ def test_tiny_workflow_runs_on_slurm(tmp_path, capsys):
     workdir = tmp_path / "cxrflow"
     copy_workflow(workdir)
     result = subprocess.run(
-        SNAKEMAKE + SLURM_PROFILES + ["--configfile", TINY_CONFIG],
+        SNAKEMAKE + SLURM_PROFILES + ["--configfile", *TINY_CONFIG],
         cwd=workdir,
         capture_output=True,
         text=True,

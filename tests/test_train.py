@@ -1,6 +1,7 @@
 """Training on the CPU: deterministic, resumable after SIGKILL, models loadable without unpickling, evaluation."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from cxrflow.errors import CxrflowError
 from cxrflow.models import build_model, load_pretrained
 from cxrflow.pipeline import run_evaluate, run_train
+from cxrflow.train import BatchAugment
 
 RUNNER = textwrap.dedent("""
     import json, sys
@@ -64,6 +66,7 @@ def test_training_is_deterministic_and_resumes_after_sigkill(tiny_pipeline, tmp_
     meta = json.loads((killed / "metadata.json").read_text())
     assert meta["architecture"]["name"] == "resnet10t" and meta["input"]["size"] == 32
     assert {"torch", "timm", "monai"} <= set(meta["versions"]) and meta["config_hash"] and "best_epoch" in meta
+    assert meta["input"]["clip_percentiles"] == [0.5, 99.5] and meta["augmentation"]["hflip"] is False
     assert not checkpoint.exists()
 
 
@@ -71,14 +74,21 @@ def test_evaluate_writes_table1_metrics(tiny_pipeline, tmp_path):
     out = tmp_path / "model"
     run_train(tiny_pipeline["manifest"], tiny_pipeline["index"], tiny_pipeline["shards"], tiny_pipeline["config"],
               "enlarged_heart", out / "model.pt", out / "metadata.json", out / "history.csv")
+    figures = {"confusion_out": tmp_path / "confusion.png", "curves_out": tmp_path / "curves.png",
+               "gradcam_out": tmp_path / "gradcam.png"}
     metrics = run_evaluate(out / "model.pt", out / "metadata.json", tiny_pipeline["manifest"], tiny_pipeline["index"],
                            tiny_pipeline["shards"], tiny_pipeline["config"], "enlarged_heart",
-                           tmp_path / "metrics.json", tmp_path / "pred.csv", tmp_path / "roc.png")
+                           tmp_path / "metrics.json", tmp_path / "pred.csv", tmp_path / "roc.png",
+                           history_path=out / "history.csv", **figures)
     assert 0 <= metrics["auc_ci95"][0] <= metrics["auc"] <= metrics["auc_ci95"][1] <= 1
     # Weighted recall is accuracy by definition (as in the paper's Table 1).
     assert metrics["recall_weighted"] == pytest.approx(metrics["accuracy"])
     assert sum(map(sum, metrics["confusion_matrix"])) == metrics["n_test"]
-    assert (tmp_path / "roc.png").stat().st_size > 1000
+    assert sum(map(sum, metrics["at_0.5"]["confusion_matrix"])) == metrics["n_test"]
+    for figure in [tmp_path / "roc.png", *figures.values()]:
+        assert figure.read_bytes()[:4] == b"\x89PNG" and figure.stat().st_size > 10_000, figure.name
+    predictions = pd.read_csv(tmp_path / "pred.csv")
+    assert set(predictions["split"]) == {"val", "test"} and predictions["prob"].between(0, 1).all()
 
 
 def test_pretrained_weights_load_from_a_local_file_with_an_rgb_stem(tmp_path):
@@ -114,3 +124,39 @@ def test_models_by_name_take_one_channel(spec):
     model = build_model(spec).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 1)
+
+
+def test_batch_augment_is_seeded_and_per_image():
+    x = torch.rand(16, 1, 24, 24)
+    augment = BatchAugment()
+    a = augment(x, torch.Generator().manual_seed(5))
+    b = augment(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == x.shape
+    changed = (a - x).abs().flatten(1).amax(1) > 1e-5
+    assert 0 < int(changed.sum()) < 16  # each image draws its own transforms; with p = 0.5 some get none
+    assert torch.allclose(a[~changed], x[~changed], atol=1e-5)
+    assert not augment.draw(1000, torch.Generator().manual_seed(0))["flip"].any()  # no flip unless asked
+    assert BatchAugment(prob=0.0)(x, torch.Generator().manual_seed(1)).sub(x).abs().max() < 1e-5
+
+
+def test_batch_augment_geometry_and_intensity_are_monai_s():
+    image = torch.zeros(1, 1, 16, 16)
+    image[0, 0, 2:6, 9:13] = 1.0  # a block in the upper right
+    one = torch.ones(1, dtype=torch.float64)
+    params = {"angle": one * math.pi / 2, "zoom": one, "scale": one, "gamma": one, "flip": torch.zeros(1, dtype=torch.bool)}
+    rotated = BatchAugment.apply(image, params)
+    assert torch.allclose(rotated, torch.rot90(image, k=-1, dims=(2, 3)), atol=1e-4) or torch.allclose(
+        rotated, torch.rot90(image, k=1, dims=(2, 3)), atol=1e-4)
+    flipped = BatchAugment.apply(image, {**params, "angle": 0 * one, "flip": torch.ones(1, dtype=torch.bool)})
+    assert torch.allclose(flipped, image.flip(3), atol=1e-5)
+    centred = torch.zeros(1, 1, 16, 16)
+    centred[0, 0, 6:10, 6:10] = 1.0
+    zoomed = BatchAugment.apply(centred, {**params, "angle": 0 * one, "zoom": 2 * one})
+    assert float(zoomed.sum()) == pytest.approx(4 * float(centred.sum()), rel=0.1)  # zoom 2: twice as large in each direction
+    assert zoomed[0, 0, 5:11, 5:11].min() > 0.99 and zoomed[0, 0, :3].max() == 0
+    ramp = torch.linspace(0, 1, 256).view(1, 1, 16, 16)
+    from monai.transforms import AdjustContrast, ScaleIntensityRangePercentiles  # noqa: F401 - MONAI is the reference
+
+    expected = AdjustContrast(gamma=1.5)(ramp[0] * 0.9).unsqueeze(0)
+    got = BatchAugment.apply(ramp, {**params, "angle": 0 * one, "scale": 0.9 * one, "gamma": 1.5 * one})
+    assert torch.allclose(got, torch.as_tensor(expected), atol=1e-5)
