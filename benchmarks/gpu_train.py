@@ -42,6 +42,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def images_per_second(step, images_per_step: int, steps: int, warmup: int, device) -> float:
+    """Time `steps` calls of step() after `warmup` untimed ones, waiting for the device at both ends."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * images_per_step / (time.perf_counter() - started)
+
+
 def train_rates(model_name: str, size: int, batches: list[int], device, amp_dtype, channels_last: bool, steps: int,
                 warmup: int) -> dict[int, float | None]:
     """Images/s of full training steps (forward, loss, backward, AdamW) on a batch resident on the device, per batch
@@ -67,14 +79,7 @@ def train_rates(model_name: str, size: int, batches: list[int], device, amp_dtyp
             scaler.update()
 
         try:
-            for _ in range(warmup):
-                step()
-            sync(device)
-            started = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync(device)
-            rates[batch] = steps * batch / (time.perf_counter() - started)
+            rates[batch] = images_per_second(step, batch, steps, warmup, device)
         except torch.cuda.OutOfMemoryError:
             rates[batch] = None
         finally:
@@ -123,13 +128,7 @@ def loader_rates(size: int, batch: int, n_images: int, batches: int, device) -> 
         return prepare_batch(in_ram[chosen], device, zscore=True, augment=augment, generator=generator,
                              channels_last=device.type == "cuda")
 
-    pipeline_step()
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(batches):
-        pipeline_step()
-    sync(device)
-    pipeline = batches * batch / (time.perf_counter() - started)
+    pipeline = images_per_second(pipeline_step, batch, batches, 1, device)
     return {"cache_read": read, "batch_pipeline": pipeline, "loader": 1 / (1 / read + 1 / pipeline)}
 
 
@@ -152,7 +151,8 @@ def main(argv=None) -> dict:
     torch.backends.cudnn.benchmark = True  # as train.py does on a GPU
     amp = amp_dtype_for(device) or torch.bfloat16  # on the CPU, bf16 autocast: exercised, not a goal
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}; torch {torch.__version__}; {args.model} at {args.size} px; AMP dtype {str(amp).removeprefix('torch.')}")
+    print(f"device: {name}; torch {torch.__version__}; {args.model} at {args.size} px; AMP dtype {str(amp).removeprefix('torch.')}"
+          + (f"; fp32 convolutions may use TF32: {torch.backends.cudnn.allow_tf32} (PyTorch's default)" if device.type == "cuda" else ""))
     modes = {"fp32 NCHW": (None, False), "AMP + channels_last": (amp, True)}
     rates = {}
     for mode, (dtype, channels_last) in modes.items():

@@ -82,8 +82,8 @@ def test_grad_cam_lights_up_where_the_evidence_is():
     x[1, :, 20:30, 22:30] = 1.0  # bottom right
     model = ToyNet()
     assert last_feature_module(model, x[:1]) == "act"  # the pooling layer is not a feature map
-    heat, probs = grad_cam(model, x)
-    assert heat.shape == (2, 32, 32) and heat.max() == pytest.approx(1.0)
+    heat, probs, grid = grad_cam(model, x)
+    assert heat.shape == (2, 32, 32) and heat.max() == pytest.approx(1.0) and grid == (32, 32)
     assert np.unravel_index(heat[0].argmax(), heat[0].shape) < (8, 9) and heat[0][20:, 20:].max() < 0.05
     assert np.unravel_index(heat[1].argmax(), heat[1].shape) >= (20, 22) and heat[1][:10, :10].max() < 0.05
     np.testing.assert_allclose(probs, torch.sigmoid(model(x)).squeeze(1).detach().numpy(), rtol=1e-6)
@@ -95,8 +95,8 @@ def test_the_explained_layer_is_the_last_feature_map(spec, layer):
     model = build_model(spec)
     x = torch.rand(2, 1, 64, 64)
     assert last_feature_module(model, x[:1]) == layer
-    heat, _ = grad_cam(model, x)
-    assert heat.shape == (2, 64, 64) and np.isfinite(heat).all()
+    heat, _, grid = grad_cam(model, x)
+    assert heat.shape == (2, 64, 64) and np.isfinite(heat).all() and grid == (2, 2)  # 64 px / stride 32
 
 
 def test_examples_and_figures(tmp_path):
@@ -106,7 +106,7 @@ def test_examples_and_figures(tmp_path):
     assert examples.groupby("kind")["image_id"].apply(list).to_dict() == {
         "true positive": ["i0", "i1"], "false positive": ["i4", "i3"], "false negative": ["i2"]}
     images = np.random.default_rng(0).integers(0, 255, (len(examples), 32, 32), dtype=np.uint8)
-    plot_gradcam(images, images / 255.0, examples, 0.5, "Toy", tmp_path / "gradcam.png", per_kind=2)
+    plot_gradcam(images, images / 255.0, examples, 0.5, "Toy", tmp_path / "gradcam.png", per_kind=2, grid=(4, 4))
     metrics = evaluate_predictions(test.assign(split="test", patient_id=test["image_id"]).pipe(
         lambda t: pd.concat([t.assign(split="val"), t])), bootstrap=20, seed=0)
     plot_confusion(metrics, "Toy", tmp_path / "confusion.png")
@@ -195,7 +195,7 @@ def test_nih1000_women_cardiomegaly_on_the_cpu(shared_data, root, tmp_path, monk
                            tmp_path / "roc.png", history_path=out / "history.csv", confusion_out=tmp_path / "cm.png",
                            curves_out=tmp_path / "curves.png", gradcam_out=tmp_path / "gradcam.png")
     low, high = metrics["auc_ci95"]
-    print(f"NIH1000 women, Cardiomegaly, PA, 64 px, CPU: test AUC {metrics['auc']:.3f} (95% CI {low:.3f}-{high:.3f}); "
+    print(f"NIH1000 women, Cardiomegaly, frontal films, 64 px, CPU: test AUC {metrics['auc']:.3f} (95% CI {low:.3f}-{high:.3f}); "
           f"{metrics['n_test']} test images, {metrics['n_test_positive']} positive, {metrics['n_test_patients']} patients")
     if os.environ.get("CXRFLOW_KEEP"):
         print(pd.read_csv(out / "history.csv").round(3).to_string())

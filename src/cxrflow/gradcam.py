@@ -39,8 +39,9 @@ def last_feature_module(model: torch.nn.Module, example: torch.Tensor) -> str:
     return seen[-1]
 
 
-def grad_cam(model: torch.nn.Module, x: torch.Tensor, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Heat maps in [0, 1] at the input's resolution (N, H, W) and P(finding) (N,) for a batch x (N, 1, H, W)."""
+def grad_cam(model: torch.nn.Module, x: torch.Tensor, layer: str | None = None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """For a batch x (N, 1, H, W): heat maps in [0, 1] at the input's resolution (N, H, W), P(finding) (N,), and the
+    (h, w) of the feature map, which bounds how finely the map can localise (1 x 1 cannot localise at all)."""
     model.eval()
     layer = layer or last_feature_module(model, x[:1])
     captured = {}
@@ -60,7 +61,7 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, layer: str | None = None) 
     cam = torch.relu((weights * features).sum(dim=1, keepdim=True)).detach()
     cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-    return (cam / peak).cpu().numpy(), torch.sigmoid(logits.detach()).cpu().numpy()
+    return (cam / peak).cpu().numpy(), torch.sigmoid(logits.detach()).cpu().numpy(), tuple(features.shape[-2:])
 
 
 def pick_examples(test: pd.DataFrame, threshold: float, per_kind: int) -> pd.DataFrame:
@@ -75,7 +76,7 @@ def pick_examples(test: pd.DataFrame, threshold: float, per_kind: int) -> pd.Dat
 
 
 def plot_gradcam(images: np.ndarray, heat: np.ndarray, examples: pd.DataFrame, threshold: float, title: str, out_path,
-                 per_kind: int) -> None:
+                 per_kind: int, grid: tuple | None = None) -> None:
     """A grid: one row per kind (TP, FP, FN), the radiograph with its heat map laid over it."""
     import matplotlib
 
@@ -97,7 +98,8 @@ def plot_gradcam(images: np.ndarray, heat: np.ndarray, examples: pd.DataFrame, t
             ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
             ax.imshow(heat[i], cmap="jet", alpha=0.35, vmin=0, vmax=1)
             ax.set_title(f"p = {examples['prob'].iloc[i]:.2f}", fontsize=8)
-    fig.suptitle(f"{title}: Grad-CAM on the test split (threshold {threshold:.2f})", fontsize=10)
+    resolution = f"; {grid[0]} x {grid[1]} feature map" if grid else ""
+    fig.suptitle(f"{title}: Grad-CAM on the test split (threshold {threshold:.2f}{resolution})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

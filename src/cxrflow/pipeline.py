@@ -150,7 +150,7 @@ def run_evaluate(model_path, metadata_path, manifest_path, index_path, tensor_fi
     manifest = pd.read_csv(manifest_path, dtype={"image_id": str, "patient_id": str})
     rows = manifest[manifest["split"].isin(["val", "test"])].reset_index(drop=True)
     cache = TensorCache.open(index_path, tensor_files)
-    model = load_trained(model_path, config["model"])
+    model = load_trained(model_path, metadata["architecture"])
     zscore = metadata["input"]["zscore"]
     probs = predict(model, cache.load(rows["image_id"]), torch.device("cpu"), zscore)
     predictions = rows.assign(prob=np.round(probs, 6))
@@ -171,8 +171,10 @@ def run_evaluate(model_path, metadata_path, manifest_path, index_path, tensor_fi
         per_kind = config["evaluate"].get("gradcam_examples", 4)
         examples = pick_examples(predictions[predictions["split"] == "test"], metrics["threshold"], per_kind)
         images = cache.load(examples["image_id"])
-        heat, _ = grad_cam(model, prepare_batch(images, torch.device("cpu"), zscore)) if len(examples) else (images, None)
-        plot_gradcam(images, heat, examples, metrics["threshold"], title, gradcam_out, per_kind)
+        heat, grid = np.zeros(images.shape), None
+        if len(examples):
+            heat, _, grid = grad_cam(model, prepare_batch(images, torch.device("cpu"), zscore))
+        plot_gradcam(images, heat, examples, metrics["threshold"], title, gradcam_out, per_kind, grid)
     log.info("evaluate %s: %s", pathology, json.dumps(metrics))
     return metrics
 

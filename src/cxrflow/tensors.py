@@ -24,7 +24,6 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from skimage.exposure import equalize_adapthist
 
-from cxrflow.decode import DecodeError, decode_image, is_excluded_view
 from cxrflow.errors import CxrflowError
 from cxrflow.io import atomic_path, write_parquet
 from cxrflow.quality import image_metrics, percentiles, to_unit_range
@@ -81,6 +80,9 @@ def normalize(unit: np.ndarray, size: int, clip_percentiles=(0.5, 99.5), clahe: 
 
 def process_image(path: str, size: int, norm: dict) -> tuple[dict, np.ndarray | None]:
     """Decode, measure and normalize one image. Never raises for a bad file: its status says what went wrong."""
+    # Imported here so that reading the cache (TensorCache) needs no pydicom, e.g. on a bare GPU node.
+    from cxrflow.decode import DecodeError, decode_image, is_excluded_view
+
     try:
         decoded = decode_image(path)
     except DecodeError as err:

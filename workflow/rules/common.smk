@@ -64,7 +64,7 @@ def pathology_names():
 
 def training_settings(wildcards):
     """Only what a model depends on: changing e.g. the bootstrap count must not retrain."""
-    return {key: config[key] for key in ("seed", "image", "model", "train", "evaluate")} | {
+    return {key: config[key] for key in ("seed", "image", "model", "train")} | {
         "cohorts": {
             "pathologies": {
                 wildcards.pathology: config["cohorts"]["pathologies"][wildcards.pathology]
@@ -86,3 +86,8 @@ def ingest_inputs(wildcards):
         if source.get(key):
             inputs[key] = source[key]
     return inputs
+
+
+def evaluation_settings(wildcards):
+    """What an evaluation depends on: the model's settings plus the evaluation's own."""
+    return training_settings(wildcards) | {"evaluate": config["evaluate"]}

@@ -44,6 +44,6 @@ rule evaluate:
         mem_mb=4000,
         runtime=60,
     params:
-        config=training_settings,
+        config=evaluation_settings,
     script:
         "../scripts/evaluate.py"
