@@ -1,8 +1,13 @@
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+COPIED = ["Snakefile", "workflow", "config", "src", "envs", "profiles"]
 SHARED = ROOT.parent / "shared" / "data"
 
 
@@ -34,7 +39,6 @@ def tiny_pipeline(tmp_path_factory):
     one preprocessing shard -> QC -> the enlarged_heart cohort and its split. Shared by the training tests."""
     import os
 
-    import pandas as pd
     import yaml
 
     from cxrflow.cohorts import build_cohort
@@ -62,3 +66,33 @@ def tiny_pipeline(tmp_path_factory):
                 "train": {**config["train"], "epochs": 3, "batch_size": 16}, "evaluate": {"bootstrap": 50}}
     return {"dir": out, "manifest": out / "manifest.csv", "index": out / "index.parquet",
             "shards": [out / "shard_0000.npy"], "config": settings, "catalog": catalog}
+
+
+def copy_repo(dest: Path) -> Path:
+    """A copy of the workflow to run Snakemake in, so that tests never write into the repository."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+def snakemake_tiny(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real snakemake on config/tiny.yaml. Arguments come first: --configfile takes several values and
+    would swallow a target after it."""
+    result = subprocess.run([SNAKEMAKE, *args, "--cores", "2", "--configfile", "config/tiny.yaml"], cwd=workdir,
+                            capture_output=True, text=True, timeout=1200)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One end-to-end run of the whole workflow on the tiny config, shared by the end-to-end test modules."""
+    workdir = copy_repo(tmp_path_factory.mktemp("workflow"))
+    snakemake_tiny(workdir)
+    return workdir

@@ -1,7 +1,6 @@
 """Cohorts and patient-exclusive splits: unit tests, property-based tests, the real NIH / PadChest tables, and the
 metadata-only workflow (real Snakemake) with one cohort too small to split."""
 
-import copy
 import shutil
 import subprocess
 import sys

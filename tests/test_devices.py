@@ -9,7 +9,6 @@ from cxrflow.devices import acquire_slot, visible_devices
 
 def _hold_slot(devices, lock_dir, hold_s, out_queue):
     slot = acquire_slot(devices, lock_dir, timeout_s=30, poll_s=0.05)
-    start = time.monotonic()
     out_queue.put(json.dumps({"visible": slot.visible_id, "start": time.time()}))
     time.sleep(hold_s)
     out_queue.put(json.dumps({"visible": slot.visible_id, "end": time.time()}))

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_workflow import copy_repo
+from conftest import copy_repo
 
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+from conftest import SNAKEMAKE
 TARGET = "results/tensors/index.parquet"
 
 

@@ -1,20 +1,17 @@
 """Hostile inputs through the real workflow: each kind is either left out with a reason (and the counts add up)
 or stops the run with a one-line error naming the file, row or key, without a Python traceback."""
 
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT
 from hostile import write_corpus
-from test_workflow import copy_repo
+from conftest import copy_repo
 
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+from conftest import SNAKEMAKE
 COLUMNS = "image_id,patient_id,sex,age,view,file,annotation"
 
 
@@ -144,3 +141,31 @@ def test_config_mistakes_stop_with_one_line_naming_the_key(tmp_path, overlay, me
     errors = [line for line in result.stderr.splitlines() if line.startswith("cxrflow config error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_a_dicom_folder_without_a_table_takes_patients_from_the_tags(tmp_path):
+    """source.format dicom over the hostile folder: tags give patient, sex and age ('065Y'); a file without
+    PatientID, a non-DICOM file and a DICOM without pixel data are each left out with their reason."""
+    workdir = copy_repo(tmp_path / "repo")
+    expected = write_corpus(workdir / "resources" / "dicoms")
+    # annotations "": no side table (an overlay cannot delete the default config's key, only blank it).
+    overlay = {"source": {"format": "dicom", "images": "resources/dicoms", "annotations": ""}, "preprocess": {"shards": 1}}
+    (workdir / "dicom.yaml").write_text(yaml.safe_dump(overlay))
+    result = snakemake(workdir, "results/quality/metrics.parquet", configfile="dicom.yaml")
+    assert result.returncode == 0, result.stderr[-5000:]
+    catalog = pd.read_parquet(workdir / "results/catalog.parquet")
+    ledger = pd.read_csv(workdir / "results/ingest/ledger.csv")
+    assert len(catalog) + int(ledger["reason"].isin(LEFT_OUT_AT_INGEST).sum()) == len(expected)
+    by_file = {Path(item).name: reason for item, reason in zip(ledger["item"], ledger["reason"])}
+    assert (ledger["reason"] == "no_patient_id").sum() == 1
+    assert not catalog["path"].str.endswith("no_patient_tags.dcm").any()
+    assert by_file["nopixels.dcm"] == "no_pixel_data"
+    assert by_file["whole.png"] == "not_dicom" and by_file["zero.png"] in {"not_dicom", "unreadable", "empty_file"}
+    assert (catalog["age"] == 65).all() and (catalog["sex"] == "F").all(), "PatientAge '065Y' and PatientSex read"
+    assert "P-HOSTILE" not in set(catalog["patient_id"]), "the patient id is pseudonymized"
+    quality = pd.read_parquet(workdir / "results/quality/metrics.parquet").set_index("image_id")
+    assert len(quality) == len(catalog)
+
+
+LEFT_OUT_AT_INGEST = {"no_patient_id", "no_pixel_data", "not_dicom", "unreadable", "empty_file", "truncated",
+                      "no_image_id", "duplicate_image_id", "missing_file"}
