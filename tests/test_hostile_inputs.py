@@ -1,6 +1,7 @@
 """Hostile inputs through the real workflow: each kind is either left out with a reason (and the counts add up)
 or stops the run with a one-line error naming the file, row or key, without a Python traceback."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -12,19 +13,19 @@ from hostile import write_corpus
 from conftest import copy_repo
 
 from conftest import SNAKEMAKE
-COLUMNS = "image_id,patient_id,sex,age,view,file,annotation"
+COLUMNS = "image_id,patient_id,sex,age,view,file,study_date,annotation"
 
 
 def annotation_rows(files: list[str]) -> list[str]:
-    rows = [f"{Path(f).stem},P{i:03d},Ж,{40 + i},PA,hostile/{f},Без патологических изменений." for i, f in enumerate(files)]
+    rows = [f"{Path(f).stem},P{i:03d},Ж,{40 + i},PA,hostile/{f},2021-03-04,Без патологических изменений." for i, f in enumerate(files)]
     rows += [
-        "dup,P900,Ж,50,PA,hostile/whole.png,Норма.",
-        "dup,P901,Ж,50,PA,hostile/whole.png,Сердце расширено.",  # duplicate image id
-        "gone,P902,Ж,50,PA,hostile/not_there.png,Норма.",  # the file does not exist
-        "silent,P903,Ж,50,PA,hostile/sixteen.png,",  # empty annotation text
-        "conflict_a,P904,Ж,50,PA,hostile/whole.png,Норма.",  # one patient, two sexes
-        "conflict_b,P904,М,50,PA,hostile/rgba.png,Норма.",
-        "orphan,,Ж,50,PA,hostile/whole.png,Норма.",  # no patient id
+        "dup,P900,Ж,50,PA,hostile/whole.png,2021-03-04,Норма.",
+        "dup,P901,Ж,50,PA,hostile/whole.png,2021-03-04,Сердце расширено.",  # duplicate image id
+        "gone,P902,Ж,50,PA,hostile/not_there.png,2021-03-04,Норма.",  # the file does not exist
+        "silent,P903,Ж,50,PA,hostile/sixteen.png,2021-03-04,",  # empty annotation text
+        "conflict_a,P904,Ж,50,PA,hostile/whole.png,2021-03-04,Норма.",  # one patient, two sexes
+        "conflict_b,P904,М,50,PA,hostile/rgba.png,2021-03-04,Норма.",
+        "orphan,,Ж,50,PA,hostile/whole.png,31.02.2021,Норма.",  # no patient id
     ]
     return rows
 
@@ -74,6 +75,9 @@ def test_bad_rows_are_ledgered_and_counts_add_up(hostile_run):
     assert ledger["reason"].eq("no_patient_id").sum() == 1
     silent = catalog.set_index("image_id").loc["silent"]
     assert silent[["enlarged_heart", "scoliosis"]].isna().all(), "an empty note assesses nothing"
+    # An impossible date is counted, not silently turned into a missing value.
+    summary = json.loads((workdir / "results/ingest/summary.json").read_text())
+    assert summary["unrecognized_values"]["study_date"]["examples"] == {"31.02.2021": 1}
     # Windows-1251 was read as Russian, not mojibake: the normal note set the labels to 0.
     assert catalog.set_index("image_id").loc["whole", "enlarged_heart"] == 0
 
@@ -112,12 +116,12 @@ def test_monochrome1_is_inverted_like_its_monochrome2_twin(hostile_run):
 
 
 @pytest.mark.parametrize("kind, rows, kwargs, message", [
-    ("missing required column", None, {"header": "image_id,patient_id,sex,age,view,file"}, "annotation"),
+    ("missing required column", None, {"header": "image_id,patient_id,sex,age,view,file,study_date"}, "annotation"),
     ("empty table", [], {}, "no rows"),
 ])
 def test_bad_tables_stop_with_one_line_naming_the_file(tmp_path, kind, rows, kwargs, message):
     if rows is None:
-        rows = ["a,P1,Ж,50,PA,hostile/whole.png"]
+        rows = ["a,P1,Ж,50,PA,hostile/whole.png,2021-03-04"]
     workdir, _ = make_workdir(tmp_path, table(rows, **kwargs))
     result = snakemake(workdir, "results/catalog.parquet")
     assert result.returncode != 0
