@@ -6,14 +6,16 @@ from pathlib import Path
 
 import yaml
 
+
 from cxrflow.errors import CxrflowError
+from cxrflow.io import YAML_LOADER
 
 
 def schema_errors(config: dict, schema_file: Path) -> None:
     """Validate against the JSON schema; the first error becomes one line naming the key (no 40-line dump)."""
     from jsonschema import Draft202012Validator
 
-    schema = yaml.safe_load(Path(schema_file).read_text(encoding="utf-8"))
+    schema = yaml.load(Path(schema_file).read_text(encoding="utf-8"), Loader=YAML_LOADER)
     errors = sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if not errors:
         return
@@ -31,7 +33,7 @@ def check_config(config: dict, base: Path) -> None:
     keys_file = base / config["labels"]["keys"]
     if not keys_file.is_file():
         raise CxrflowError(f"labels.keys: no such file: {keys_file}")
-    keys = set(yaml.safe_load(keys_file.read_text(encoding="utf-8"))["keys"])
+    keys = set(yaml.load(keys_file.read_text(encoding="utf-8"), Loader=YAML_LOADER)["keys"])
     cohorts = config["cohorts"]
     unknown = [k for k in cohorts.get("exclusions", []) if k not in keys]
     if unknown:

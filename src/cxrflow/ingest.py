@@ -32,7 +32,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+
 from cxrflow.errors import CxrflowError
+from cxrflow.io import YAML_LOADER
 from cxrflow.labels import AFFIRMED, NEGATED, UNCERTAIN, UNMENTIONED, label_texts, load_keys, load_vocabulary
 from cxrflow.privacy import pseudonym_key, pseudonymize
 
@@ -422,7 +424,7 @@ def load_mapping(source: dict, base: Path, keys: list[str]) -> dict:
     if not path.is_file():
         raise CxrflowError(f"source.label_map: no such file: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=YAML_LOADER) or {}
     except yaml.YAMLError as err:
         raise CxrflowError(f"{path}: not valid YAML: {err}") from None
     mapping = data.get("labels") if isinstance(data, dict) else None

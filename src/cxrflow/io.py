@@ -9,6 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+import yaml
+
+# libyaml's C loader when present (10x faster on the label files), the same safe semantics either way.
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @contextmanager

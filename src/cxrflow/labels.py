@@ -36,7 +36,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+
 from cxrflow.errors import CxrflowError
+from cxrflow.io import YAML_LOADER
 
 UNCERTAIN_POLICIES = ("missing", "positive", "negative")
 
@@ -95,7 +97,7 @@ def _read_yaml(path) -> object:
     if not path.is_file():
         raise CxrflowError(f"{path}: file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=YAML_LOADER)
     except yaml.YAMLError as error:
         raise CxrflowError(f"{path}: not valid YAML: {error}") from error
 

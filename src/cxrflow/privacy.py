@@ -1,4 +1,4 @@
-"""Pseudonymization of patient identifiers: a keyed hash, so that nothing under results/ holds a real id.
+"""Pseudonymization of patient identifiers: a keyed hash (keyed BLAKE2b, a MAC), so that nothing under results/ holds a real id.
 
 The key never lives in the repository. It comes from the environment (CXRFLOW_PSEUDONYM_KEY, or a file named
 by CXRFLOW_PSEUDONYM_KEY_FILE). Only the synthetic demo may fall back to a fixed, public demo key.
@@ -7,7 +7,6 @@ by CXRFLOW_PSEUDONYM_KEY_FILE). Only the synthetic demo may fall back to a fixed
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 from pathlib import Path
 
@@ -40,16 +39,17 @@ def pseudonym_key(allow_demo_key: bool) -> bytes:
 
 
 def pseudonymize(ids: pd.Series, key: bytes) -> pd.Series:
-    """HMAC-SHA256 of each id, 16 hex digits. Each distinct id is hashed once; missing stays missing."""
+    """Keyed BLAKE2b of each id (BLAKE2's built-in MAC mode), 16 hex digits. Each distinct id is hashed once;
+    missing stays missing. One C call per id: a 2M-row archive's patients take well under a second."""
     codes, uniques = pd.factorize(ids.astype("string"), use_na_sentinel=True)
-    keyed = hmac.new(key, digestmod=hashlib.sha256)  # the key's inner and outer state, computed once
-
-    def digest(value: str) -> str:
-        mac = keyed.copy()
-        mac.update(value.encode())
-        return mac.hexdigest()[:16]
-
+    mac_key = key if len(key) <= 64 else hashlib.sha256(key).digest()  # BLAKE2b takes keys up to 64 bytes
+    blake2b = hashlib.blake2b
     # tolist(): iterating an Arrow-backed Index costs about 1 us per item, more than the hash itself.
-    hashed = [digest(str(u)) for u in uniques.tolist()]
+    hashed = [blake2b(u.encode(), key=mac_key, digest_size=8).hexdigest() for u in map(str, uniques.tolist())]
     out = pd.array(hashed, dtype="string").take(codes, allow_fill=True)
     return pd.Series(out, index=ids.index, name=ids.name)
+
+
+def pseudonym_of(patient_id: str, key: bytes) -> str:
+    """The pseudonym of one id, e.g. to find a patient's rows in the results."""
+    return pseudonymize(pd.Series([patient_id]), key).iloc[0]
