@@ -157,19 +157,24 @@ def pick_micro_batch(model, size: int, effective: int, device: torch.device, amp
     """The largest power-of-two divisor of the effective batch whose forward+backward fits the card."""
     if device.type != "cuda":
         return effective
+    # The probe runs in train mode, which would move BatchNorm's running statistics towards its zero input.
+    untouched = {k: v.detach().clone() for k, v in model.state_dict().items()}
     micro = effective
-    while micro >= 1:
-        try:
-            x = torch.zeros(micro, 1, size, size, device=device).to(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=amp_dtype):
-                model(x).float().sum().backward()
-            model.zero_grad(set_to_none=True)
-            return micro
-        except torch.cuda.OutOfMemoryError:
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            micro //= 2
-    raise RuntimeError("even a micro-batch of 1 does not fit on the GPU")
+    try:
+        while micro >= 1:
+            try:
+                x = torch.zeros(micro, 1, size, size, device=device).to(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=amp_dtype):
+                    model(x).float().sum().backward()
+                return micro
+            except torch.cuda.OutOfMemoryError:
+                micro //= 2
+            finally:
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+        raise RuntimeError("even a micro-batch of 1 does not fit on the GPU")
+    finally:
+        model.load_state_dict(untouched)
 
 
 def amp_dtype_for(device: torch.device):
