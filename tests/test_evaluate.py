@@ -148,7 +148,7 @@ NIH_COHORT = {
 }
 NIH_TRAINING = {
     "seed": 42,
-    "image": {"size": 64, "zscore": True},  # a per-image z-score evens out the exposure of AP and PA films
+    "image": {"size": 64, "zscore": False},  # the pipeline's default intensity convention
     "model": {"library": "timm", "name": "resnet10t"},
     "train": {"epochs": 20, "batch_size": 32, "lr": 0.002, "weight_decay": 1e-4, "warmup_epochs": 1, "augment": {}},
     "evaluate": {"bootstrap": 1000, "gradcam_examples": 4},
@@ -158,7 +158,11 @@ NIH_TRAINING = {
 
 def test_nih1000_women_cardiomegaly_on_the_cpu(shared_data, root, tmp_path, monkeypatch):
     """The must-show: real NIH images -> catalog -> 64 px tensors -> QC -> women-only Cardiomegaly cohort ->
-    patient-exclusive split -> CPU training -> test AUC with its patient-level bootstrap CI."""
+    patient-exclusive split -> CPU training -> test AUC with its patient-level bootstrap CI.
+
+    Read the figure with care: the 58 positive images come from 13 women (three hold 44), so a test split holds
+    3-5 positive patients and the CI is wide. With the workflow's seed (42) the AUC is 0.78; other split seeds gave
+    0.40-0.78 in our runs. A change to splitting or pseudonymization reshuffles the patients and moves this figure."""
     from cxrflow.cohorts import build_cohort
     from cxrflow.ingest import build_catalog
     from cxrflow.labels import load_keys
