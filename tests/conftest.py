@@ -96,3 +96,12 @@ def tiny_run(tmp_path_factory):
     workdir = copy_repo(tmp_path_factory.mktemp("workflow"))
     snakemake_tiny(workdir)
     return workdir
+
+
+def run_benchmark(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run benchmarks/<name>.py in a subprocess (as a user would), failing with its output when it fails."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args], capture_output=True,
+                            text=True, timeout=300, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(result.stdout)
+    return result

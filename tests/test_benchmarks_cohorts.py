@@ -2,17 +2,12 @@
 catalog, through the API and as the workflow's jobs do (no timing asserts)."""
 
 import json
-import subprocess
-import sys
+
+from conftest import run_benchmark
 
 
-def test_cohorts_benchmark_quick_mode_runs(root, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "cohorts.py"), "--quick", "--json", str(tmp_path / "figures.json")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    print(result.stdout)
+def test_cohorts_benchmark_quick_mode_runs(tmp_path):
+    result = run_benchmark("cohorts", "--quick", "--json", str(tmp_path / "figures.json"), cwd=tmp_path)
     assert "cohort flows (images after each filter):" in result.stdout and "goal <= 30 s and <= 4 GiB" in result.stdout
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert figures["rows"] == 20_000 and len(figures["cohorts"]) == 9

@@ -1,17 +1,12 @@
 """The tensors benchmark keeps working: its --quick mode runs end to end on real DICOM files (no timing asserts)."""
 
 import json
-import subprocess
-import sys
+
+from conftest import run_benchmark
 
 
-def test_tensors_benchmark_quick_mode_runs(root, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "tensors.py"), "--quick", "--json", str(tmp_path / "figures.json")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    print(result.stdout)
+def test_tensors_benchmark_quick_mode_runs(tmp_path):
+    result = run_benchmark("tensors", "--quick", "--json", str(tmp_path / "figures.json"), cwd=tmp_path)
     assert "cxrflow / monai, uncompressed:" in result.stdout and "epoch from the cache vs monai" in result.stdout
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert {"uncompressed", "jpeg2000_lossless", "jpegls_lossless"} <= set(figures["formats"])
