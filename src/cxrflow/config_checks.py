@@ -6,9 +6,9 @@ from pathlib import Path
 
 import yaml
 
-
 from cxrflow.errors import CxrflowError
 from cxrflow.io import YAML_LOADER
+from cxrflow.labels import load_keys
 
 
 def schema_errors(config: dict, schema_file: Path) -> None:
@@ -33,7 +33,7 @@ def check_config(config: dict, base: Path) -> None:
     keys_file = base / config["labels"]["keys"]
     if not keys_file.is_file():
         raise CxrflowError(f"labels.keys: no such file: {keys_file}")
-    keys = set(yaml.load(keys_file.read_text(encoding="utf-8"), Loader=YAML_LOADER)["keys"])
+    keys = set(load_keys(keys_file))
     cohorts = config["cohorts"]
     unknown = [k for k in cohorts.get("exclusions", []) if k not in keys]
     if unknown:

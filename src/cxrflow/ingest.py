@@ -236,7 +236,7 @@ def read_table(path: str | Path, encoding: str = "auto", sep: str | None = None,
             sep = "\t" if suffixes and suffixes[-1] in {".tsv", ".tab"} else ","
         if _codec(encoding, path) not in ("auto", "utf-8"):
             raw = _read_bytes(path, gzipped)
-            data, used = _as_utf8(raw, path, encoding)
+            data, _ = _as_utf8(raw, path, encoding)
             head = data[: 1 << 20]
         else:
             # UTF-8 (or so we hope): pyarrow reads and decompresses the file itself, in step with parsing, and
@@ -251,7 +251,7 @@ def read_table(path: str | Path, encoding: str = "auto", sep: str | None = None,
                 raise CxrflowError(f"{path}: not a readable gzip file: {err}") from None
             if not head.strip() and len(head) < 1 << 20:
                 raise CxrflowError(f"{path}: the table is empty")
-            data, used, raw = path, "utf-8", None
+            data, raw = path, None
         try:
             table = _parse_csv(data, path, sep, head, usecols)
         except _Utf8Error:
