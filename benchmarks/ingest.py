@@ -14,6 +14,8 @@
    the vocabulary) on a sample of rows, and extrapolates it per row to the whole table.
 4. It times the NIH and PadChest adapters on the real tables against torchxrayvision's dataset constructors
    on the same files, when both the tables (../shared/data) and torchxrayvision are available.
+5. It reads the headers of a folder of 20,000 small DICOM files (written once into --workdir) in one process
+   and with one worker process per CPU, and checks that both give the same catalog.
 """
 
 from __future__ import annotations
@@ -264,6 +266,54 @@ def bench_public(args, workdir: Path) -> dict:
     return results
 
 
+def write_dicom_folder(folder: Path, n_files: int) -> None:
+    """`n_files` small DICOM files in a PACS-export tree (patient/study/file), written once and reused. The
+    headers carry the tags ingest reads; the pixels are 16x16, since ingest never reads them."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    done = folder / ".complete"
+    if done.is_file() and int(done.read_text()) == n_files:
+        return
+    pixels = np.zeros((16, 16), dtype=np.uint16).tobytes()
+    for i in range(n_files):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.10.{i}"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"p{i // 4:06d}" / f"s{i // 2:07d}" / f"{i:08d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.PatientID, ds.PatientSex, ds.PatientAge = f"P{i // 4:06d}", "FM"[i // 4 % 2], f"{20 + i // 4 % 70:03d}Y"
+        ds.ViewPosition, ds.StudyDate, ds.Modality, ds.BodyPartExamined = "PA", "20200101", "DX", "CHEST"
+        ds.Rows = ds.Columns = 16
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelData = 1, "MONOCHROME2", pixels
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+    done.write_text(str(n_files))
+
+
+def bench_dicom_folder(args, workdir: Path) -> dict:
+    """A DICOM folder's headers read in one process against `os.cpu_count()` worker processes."""
+    from cxrflow.ingest import build_catalog
+
+    folder = workdir / f"dicom_{args.dicom_files}"
+    write_dicom_folder(folder, args.dicom_files)
+    os.environ.setdefault("CXRFLOW_PSEUDONYM_KEY", "benchmark-only-key")
+    source = {"format": "dicom", "images": str(folder)}
+    workers = os.cpu_count() or 1
+    one_wall, one_cpu, one = timed(lambda: build_catalog(source, KEYS, base=ROOT, workers=1))
+    many_wall, _, many = timed(lambda: build_catalog(source, KEYS, base=ROOT, workers=workers))
+    assert one.catalog.equals(many.catalog), "worker processes changed the catalog"
+    files = one.summary["rows_read"]
+    print(f"DICOM folder: {files:,} files. 1 process {one_wall:.2f} s ({files / one_wall:,.0f} files/s, "
+          f"{one_cpu / files * 1e3:.2f} ms CPU per header); {workers} worker processes {many_wall:.2f} s "
+          f"({files / many_wall:,.0f} files/s) -> {one_wall / many_wall:.2f}x")
+    return {"files": files, "workers": workers, "one_process_s": round(one_wall, 2), "workers_s": round(many_wall, 2),
+            "speedup": round(one_wall / many_wall, 2)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (20k rows), to check that the script works")
@@ -274,15 +324,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cxrflow-bench-ingest")
     parser.add_argument("--no-public", action="store_true", help="skip the NIH / PadChest comparison")
+    parser.add_argument("--dicom-files", type=int, default=20_000, help="files in the DICOM-folder timing")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rows, args.notes, args.naive_sample, args.repeat = 20_000, 2_000, 2_000, 1
+        args.rows, args.notes, args.naive_sample, args.repeat, args.dicom_files = 20_000, 2_000, 2_000, 1, 600
     os.chdir(ROOT)
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"cxrflow ingest benchmark: {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f}")
     results = {"freetext": bench_freetext(args, args.workdir)}
     if not args.no_public:
         results["public"] = bench_public(args, args.workdir)
+    results["dicom_folder"] = bench_dicom_folder(args, args.workdir)
     print("json: " + json.dumps(results))
     return results
 

@@ -28,4 +28,6 @@ def test_gpu_train_benchmark_quick_mode_runs_and_reports_ratios(tmp_path):
     rates = [r for mode in figures["train_images_per_s"].values() for r in mode.values()]
     assert len(rates) == 4 and all(r > 0 for r in rates)
     assert all(r > 0 for r in figures["loader_images_per_s"].values())
+    assert "smoke  cxrflow.train.train: 2 epochs" in out and "on cpu (cpu), AMP float32" in out
+    assert figures["smoke_train"]["epochs_run"] == 2 and figures["smoke_train"]["effective_batch"] == 4
     assert "monai imported: False" in out

@@ -356,6 +356,20 @@ def test_dicom_folder_alone_joined_on_file_stems(dicom_folder, root, keys_file):
     assert cat.loc["img2", "enlarged_heart"] == 1 and pd.isna(cat.loc["img1", "enlarged_heart"])
 
 
+def test_a_large_dicom_folder_is_read_by_worker_processes_with_the_same_result(dicom_folder, keys_file):
+    """Past 512 files the headers are read by a process pool; rows, order, ledger and summary stay the same."""
+    for i in range(600):
+        write_dicom(dicom_folder / "archive" / "bulk" / f"{i:04d}.dcm", f"1.2.9.{i}", f"P{i % 50}", "MF"[i % 2],
+                    f"{20 + i % 60:03d}Y", "PA", "20220101", pixels=i % 97 != 0)
+    source = {"format": "dicom", "images": str(dicom_folder / "archive")}
+    serial = build_catalog(source, keys_file, base="/", workers=1)
+    pooled = build_catalog(source, keys_file, base="/", workers=2)
+    assert len(serial.catalog) == 3 + 600 - 7  # every 97th bulk file has no pixel data
+    pd.testing.assert_frame_equal(serial.catalog, pooled.catalog)
+    pd.testing.assert_frame_equal(serial.ledger, pooled.ledger)
+    assert serial.summary == pooled.summary and serial.summary["left_out_by_reason"]["no_pixel_data"] == 8
+
+
 def test_dicom_errors(tmp_path, keys_file):
     with pytest.raises(CxrflowError, match="source.images: no such folder"):
         build_catalog({"format": "dicom", "images": str(tmp_path / "nowhere")}, keys_file, base="/")

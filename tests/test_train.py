@@ -160,3 +160,25 @@ def test_batch_augment_geometry_and_intensity_are_monai_s():
     expected = AdjustContrast(gamma=1.5)(ramp[0] * 0.9).unsqueeze(0)
     got = BatchAugment.apply(ramp, {**params, "angle": 0 * one, "scale": 0.9 * one, "gamma": 1.5 * one})
     assert torch.allclose(got, torch.as_tensor(expected), atol=1e-5)
+
+
+def test_sample_weights_balance_classes_and_optionally_patients():
+    import numpy as np
+
+    from cxrflow.train import sample_weights
+
+    # Patient a: 6 positive images (follow-ups); b: 1 positive; c, d: 2 and 1 negatives.
+    rows = pd.DataFrame({"patient_id": list("aaaaaab") + list("ccd"), "label": [1] * 7 + [0] * 3})
+    label = rows["label"].to_numpy()
+    for scheme in ("class", "patient"):
+        w = sample_weights(rows, scheme)
+        assert w.mean() == pytest.approx(1.0)
+        assert w[label == 1].sum() == pytest.approx(w[label == 0].sum())  # each class carries half
+    w = sample_weights(rows, "class")
+    assert w[0] / w[-1] == pytest.approx(3 / 7)  # BCE's pos_weight, negatives / positives, as a ratio of weights
+    w = sample_weights(rows, "patient")
+    per_patient = pd.Series(w).groupby(rows["patient_id"]).sum()
+    assert per_patient["a"] == pytest.approx(per_patient["b"]) and per_patient["c"] == pytest.approx(per_patient["d"])
+    assert np.array_equal(sample_weights(rows, "none"), np.ones(10))
+    with pytest.raises(CxrflowError, match="train.weighting: 'images'"):
+        sample_weights(rows, "images")

@@ -46,6 +46,8 @@ _JPEG_SOI = b"\xff\xd8\xff"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PIXEL_DATA_TAG = 0x7FE00010
 _PIXEL_DATA_TAG_BYTES = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as it appears in little-endian files
+# Pixel Data, Float Pixel Data, Double Float Pixel Data (little-endian), and Pixel Data in big-endian files.
+_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\x7f\xe0\x00\x10")
 _LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT"})
 # Substrings, so that "PORT CHEST", "CHEST_PA" or a German "THORAX" all count as chest.
 _CHEST_BODY_PARTS = ("CHEST", "THORAX", "THORAC", "TORAX", "LUNG")
@@ -107,7 +109,7 @@ def read_dicom_header(path: str | os.PathLike) -> dict:
             raise DecodeError("not_dicom", f"format {fmt or 'unknown'}")
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=fmt == "dicom_bare")
         # pydicom stops with the file at the Pixel Data element's tag, if there is one.
-        has_pixel_data = fp.read(4) in (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+        has_pixel_data = fp.read(4) in _PIXEL_DATA_TAGS
         _check_meta_group_complete(ds, size)
         if fmt == "dicom_bare" and not _looks_like_image_dataset(ds):
             raise DecodeError("not_dicom", "bytes parse as DICOM tags but hold no image attributes")

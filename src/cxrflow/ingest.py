@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import functools
 import io
 import os
 import re
@@ -57,7 +58,6 @@ DATE_FORMATS = ("%Y-%m-%d", "%Y%m%d", "%d.%m.%Y", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d
                 "%d.%m.%Y %H:%M:%S", "%Y.%m.%d")
 # Three UTF-8 multi-byte characters in a row: text that a one-byte codec (cp1251, latin-1) would garble.
 _UTF8_RUN = re.compile(rb"(?:[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}){3}")
-_PIXEL_TAGS = {b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\x7f\xe0\x00\x10"}
 
 
 @dataclass
@@ -70,13 +70,15 @@ class Ingested:
 @dataclass
 class Report:
     """What an adapter tells `build_catalog` beyond the frame: input rows that are not images (so that they
-    reach the ledger without counting as images left out), values it could not read, and plain facts."""
+    reach the ledger without counting as images left out), values it could not read, and plain facts. The one
+    thing it brings the adapter is how many worker processes it may use."""
 
     source: str
     ledger: list = field(default_factory=list)
     unrecognized: dict = field(default_factory=dict)
     facts: dict = field(default_factory=dict)
     line_numbers: bool = False  # frame row i is line i + 2 of the table (header + 1-based)
+    workers: int = 1  # processes an adapter may use (the ingest rule's threads); only the DICOM folder reader does
 
     def unmatched(self, items, reason: str, detail="") -> None:
         self.ledger.append(ledger_rows(items, reason, detail, source=self.source))
@@ -585,7 +587,7 @@ def adapt_dicom(source: dict, keys: list[str], base: Path, report: Report) -> pd
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise CxrflowError(f"source.images: {root} holds no files")
-    rows = [_dicom_row(path, root) for path in files]
+    rows = _read_headers(files, root, report.workers)
     frame = pd.DataFrame(rows, columns=["image_id", "stem", "patient_id", "sex", "age", "view", "study_date", "path",
                                         "_reason", "_detail"])
     if join_on == "file_stem":
@@ -630,15 +632,15 @@ def adapt_dicom(source: dict, keys: list[str], base: Path, report: Report) -> pd
     return pd.concat([frame, labels], axis=1)
 
 
-def dicom_identity(path: Path) -> tuple[str | None, bool]:
-    """SOPInstanceUID and whether a Pixel Data element follows the header, without reading the pixels."""
-    import pydicom
+def _read_headers(files: list[Path], root: Path, workers: int) -> list[list]:
+    """One catalog row per DICOM file, in the order of `files`. Header parsing is Python-bound, so a large folder
+    is read by `workers` processes; a few hundred files are not worth their start-up."""
+    if workers <= 1 or len(files) < 512:
+        return [_dicom_row(path, root) for path in files]
+    from concurrent.futures import ProcessPoolExecutor
 
-    with open(path, "rb") as fp:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-        uid = ds.get("SOPInstanceUID")
-        has_pixels = fp.read(4) in _PIXEL_TAGS  # pydicom stops with the file at the pixel element's tag
-    return (str(uid).strip() or None) if uid is not None else None, has_pixels
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(functools.partial(_dicom_row, root=root), files, chunksize=256))
 
 
 def _dicom_row(path: Path, root: Path) -> list:
@@ -647,17 +649,14 @@ def _dicom_row(path: Path, root: Path) -> list:
     relative = path.relative_to(root).as_posix()
     try:
         meta = read_dicom_header(path)
-        if "sop_instance_uid" in meta and "has_pixel_data" in meta:
-            uid, has_pixels = meta["sop_instance_uid"], meta["has_pixel_data"]
-        else:
-            uid, has_pixels = dicom_identity(path)
     except DecodeError as err:
         return [None, path.stem, None, None, None, None, None, relative, err.reason, err.detail or str(err)]
     except Exception as err:  # noqa: BLE001 - a file that breaks pydicom belongs in the ledger
         return [None, path.stem, None, None, None, None, None, relative, "unreadable", f"{type(err).__name__}: {err}"]
+    has_pixels = meta["has_pixel_data"]
     reason, detail = (None, None) if has_pixels else ("no_pixel_data", "the header holds no Pixel Data element")
-    return [uid, path.stem, meta.get("patient_id"), meta.get("sex"), meta.get("age"), meta.get("view"),
-            meta.get("study_date"), relative, reason, detail]
+    return [meta["sop_instance_uid"], path.stem, meta.get("patient_id"), meta.get("sex"), meta.get("age"),
+            meta.get("view"), meta.get("study_date"), relative, reason, detail]
 
 
 def adapt_nih(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
@@ -958,7 +957,8 @@ def existing_files(paths: pd.Series) -> np.ndarray:
     return exists
 
 
-def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", privacy: dict | None = None) -> Ingested:
+def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", privacy: dict | None = None,
+                  workers: int = 1) -> Ingested:
     """Run the configured adapter, then apply the rules every source shares, counting every row left out."""
     base = Path(base)
     fmt = source.get("format")
@@ -966,7 +966,7 @@ def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", p
         raise CxrflowError(f"source.format: unknown format {fmt!r}; choose one of {list(ADAPTERS)}")
     keys = load_keys(base / keys_file)
     key = pseudonym_key((privacy or {}).get("demo_key", False))  # a missing key is a config error: fail early
-    report = Report(source=str(source.get("annotations") or source.get("images") or ""))
+    report = Report(source=str(source.get("annotations") or source.get("images") or ""), workers=workers)
     frame = ADAPTERS[fmt](source, keys, base, report).reset_index(drop=True)
     n_read = len(frame)
     if n_read == 0:

@@ -27,10 +27,10 @@ def run_synthesize(settings: dict, seed: int, out_dir) -> dict:
     return summary
 
 
-def run_ingest(source: dict, keys_file, privacy: dict, catalog_out, ledger_out, summary_out, base=".") -> dict:
+def run_ingest(source: dict, keys_file, privacy: dict, catalog_out, ledger_out, summary_out, base=".", workers=1) -> dict:
     from cxrflow.ingest import build_catalog
 
-    result = build_catalog(source, keys_file, base=base, privacy=privacy)
+    result = build_catalog(source, keys_file, base=base, privacy=privacy, workers=workers)
     write_parquet(result.catalog, catalog_out)
     write_csv(result.ledger, ledger_out)
     write_json(result.summary, summary_out)

@@ -12,7 +12,9 @@ torch and timm are installed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -28,6 +30,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cxrflow.devices import acquire_slot, visible_devices
+from cxrflow.errors import CxrflowError
 from cxrflow.io import atomic_path, write_csv, write_json
 from cxrflow.models import build_model
 
@@ -141,6 +144,31 @@ def forward_backward(model, x: torch.Tensor, y: torch.Tensor, loss_fn, amp_dtype
     loss = loss_fn(logits.float(), y) * weight
     scaler.scale(loss).backward()
     return loss.detach()
+
+
+def sample_weights(rows: pd.DataFrame, scheme: str) -> np.ndarray:
+    """Per-image loss weights (mean 1) for the training rows (columns label, patient_id).
+
+    - "class": each class carries half the total weight, so an unbalanced cohort (balance: none) is not
+      learned as "mostly negative"; the same as BCE's pos_weight = negatives / positives.
+    - "patient": as "class", and within a class every patient carries the same weight whatever the number of
+      their images. Archives with follow-up films (NIH: up to 184 images of one patient) otherwise teach the
+      model a few patients' anatomy rather than the finding.
+    - "none": every image weighs 1.
+    """
+    label = rows["label"].to_numpy()
+    weight = np.ones(len(rows))
+    if scheme == "none":
+        return weight
+    if scheme == "patient":
+        weight = 1.0 / rows.groupby("patient_id")["label"].transform("size").to_numpy()
+    elif scheme != "class":
+        raise CxrflowError(f"train.weighting: {scheme!r} is not one of ['class', 'patient', 'none']")
+    for value in (0, 1):
+        members = label == value
+        if members.any():
+            weight[members] *= 0.5 / weight[members].sum()
+    return weight * len(weight) / weight.sum()
 
 
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
@@ -257,10 +285,7 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg.get("weight_decay", 1e-4))
     scheduler = cosine_with_warmup(optimizer, int(train_cfg.get("warmup_epochs", 1) * steps_per_epoch), epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    # Loss weighting keeps unbalanced cohorts (balance: none) honest; with balanced cohorts it is 1.
-    n_pos = float(labels.sum())
-    pos_weight = torch.tensor([(len(labels) - n_pos) / max(1.0, n_pos)], device=device)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    weights = torch.tensor(sample_weights(train_rows, train_cfg.get("weighting", "class")), dtype=torch.float32)
     augment = BatchAugment.from_config(train_cfg.get("augment", {}))
 
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -296,6 +321,8 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
             for chunk in batch_index.split(micro):
                 x = prepare_batch(train_images[chunk.numpy()], device, zscore, augment, generator, channels_last=use_cuda)
                 y = labels[chunk].to(device, non_blocking=True).unsqueeze(1)
+                w = weights[chunk].to(device, non_blocking=True).unsqueeze(1)
+                loss_fn = functools.partial(torch.nn.functional.binary_cross_entropy_with_logits, weight=w)
                 loss = forward_backward(model, x, y, loss_fn, amp_dtype, scaler, weight=len(chunk) / len(batch_index))
                 total_loss += loss * len(batch_index)
             scaler.step(optimizer)
@@ -334,6 +361,7 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
         "epochs_run": len(history),
         "effective_batch": effective,
         "micro_batch": micro,
+        "loss_weighting": train_cfg.get("weighting", "class"),
         "augmentation": {"batched_on_device": True, **asdict(augment)},
         "versions": _versions(),
         "git_commit": git_commit(),
@@ -361,11 +389,9 @@ def _versions() -> dict:
 
     import cxrflow
 
-    try:
-        import monai
-
-        monai_version = monai.__version__
-    except ImportError:  # only the MONAI architectures need it
+    try:  # read from the installed metadata: importing MONAI costs seconds, and only its architectures need it
+        monai_version = importlib.metadata.version("monai")
+    except importlib.metadata.PackageNotFoundError:
         monai_version = "not installed"
     return {"cxrflow": cxrflow.__version__, "torch": torch.__version__, "timm": timm.__version__,
             "monai": monai_version, "scikit-learn": sklearn.__version__, "numpy": np.__version__}

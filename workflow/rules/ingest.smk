@@ -9,6 +9,8 @@ rule ingest:
         "results/logs/ingest.log",
     conda:
         "../../envs/data.yaml"
+    # Worker processes for reading a DICOM folder's headers; a table is read in one. Snakemake caps this at --cores.
+    threads: 8
     params:
         source=config["source"],
         privacy=config["privacy"],

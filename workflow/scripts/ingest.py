@@ -9,4 +9,5 @@ with script(snakemake):
         snakemake.output.catalog,
         snakemake.output.ledger,
         snakemake.output.summary,
+        workers=snakemake.threads,
     )
