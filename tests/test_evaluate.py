@@ -168,7 +168,7 @@ def test_nih1000_women_cardiomegaly_on_the_cpu(shared_data, root, tmp_path, monk
     So the figure here is 5-fold cross-validation, grouped by patient and stratified by label (scikit-learn's
     StratifiedGroupKFold): fold i is test, fold i+1 val, the rest train, and every image is predicted once by a
     model that never saw its patient. A logistic regression on 32 x 32 pixels, on the same folds, is printed as a
-    reference. The recipe above was chosen among seven tried on these folds, so its figure is, if anything, high."""
+    reference. The recipe above was chosen among six tried on these folds, so its figure is, if anything, high."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
