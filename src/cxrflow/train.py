@@ -285,7 +285,8 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg.get("weight_decay", 1e-4))
     scheduler = cosine_with_warmup(optimizer, int(train_cfg.get("warmup_epochs", 1) * steps_per_epoch), epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    weights = torch.tensor(sample_weights(train_rows, train_cfg.get("weighting", "class")), dtype=torch.float32)
+    weighting = train_cfg.get("weighting", "class")
+    weights = torch.tensor(sample_weights(train_rows, weighting), dtype=torch.float32)
     augment = BatchAugment.from_config(train_cfg.get("augment", {}))
 
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -361,7 +362,7 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
         "epochs_run": len(history),
         "effective_batch": effective,
         "micro_batch": micro,
-        "loss_weighting": train_cfg.get("weighting", "class"),
+        "loss_weighting": weighting,
         "augmentation": {"batched_on_device": True, **asdict(augment)},
         "versions": _versions(),
         "git_commit": git_commit(),
