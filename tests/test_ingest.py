@@ -139,3 +139,28 @@ def test_padchest_adapter_on_the_real_table_ledgers_unparseable_labels(shared_da
                             & ~raw["Labels"].str.contains(r"'\s*(?:emphysema|COPD signs|air trapping)\s*'", na=False)]["ImageID"]
     assert len(only_subcutaneous) > 0
     assert (cat[cat["image_id"].isin(only_subcutaneous)]["emphysema"] == 0).all()
+
+
+def test_the_readme_own_data_example_reads_a_table_without_a_date_column(tmp_path, root, keys_file):
+    """The README's `source:` block, applied over config/config.yaml as Snakemake merges an overlay, on a table that
+    has exactly the columns it names and no study date."""
+    import re
+
+    import yaml
+
+    block = re.search(r"## Your own data.*?```yaml\n(.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    overlay = yaml.safe_load(block)["source"]
+    source = yaml.safe_load((root / "config/config.yaml").read_text())["source"]
+    source = {**source, **overlay, "columns": {**source["columns"], **overlay["columns"]}}
+    assert source["columns"]["date"] is None  # the base config names a date column: the overlay must drop it
+    columns = source["columns"]
+    header = [columns[k] for k in ("image_id", "patient_id", "sex", "age", "view", "file", "text")]
+    (tmp_path / "archive").mkdir()
+    for name in ("a1.png", "a2.png"):
+        (tmp_path / "archive" / name).write_bytes(b"x")
+    (tmp_path / "archive" / "notes.csv").write_text(",".join(header) + "\na1,p1,Ж,65,PA,a1.png,Сердце расширено.\n"
+                                                    "a2,p2,Ж,60,PA,a2.png,Без патологии.\n")
+    source |= {"annotations": str(tmp_path / "archive/notes.csv"), "images": str(tmp_path / "archive"),
+               "vocabulary": str(root / source["vocabulary"])}
+    cat = build_catalog(source, keys_file, base="/").catalog
+    assert len(cat) == 2 and cat["study_date"].isna().all() and cat["enlarged_heart"].fillna(-1).tolist() == [1, 0]

@@ -136,13 +136,16 @@ def test_sex_conflict_policies_all_flag_the_patient_in_the_ledger(tmp_path, root
 def test_run_ingest_writes_catalog_ledger_and_summary(tmp_path, root, keys_file):
     write(tmp_path / "notes.csv", NOTES + "a1,007,Ж,65,PA,24.05.2021,Норма.\n")
     out = tmp_path / "results"
-    summary = run_ingest(freetext(tmp_path, root), keys_file, {}, out / "catalog.parquet", out / "ledger.csv",
+    summary = run_ingest(freetext(tmp_path, root), keys_file, {"dates": "year", "date_shift_days": 365},
+                         out / "catalog.parquet", out / "ledger.csv",
                          out / "summary.json", base="/")
     catalog = pd.read_parquet(out / "catalog.parquet")
-    ledger = pd.read_csv(out / "ledger.csv")
-    assert len(catalog) == summary["kept"] == 3 and summary["rows_read"] == 4
+    private = pd.read_parquet(out / "private" / "catalog.parquet")
+    ledger = pd.read_csv(out / "private" / "ledger.csv")  # the shareable ledger has no detail (it may quote notes)
+    assert len(catalog) == len(private) == summary["kept"] == 3 and summary["rows_read"] == 4
     assert ledger.loc[0, "reason"] == "duplicate_image_id" and ledger.loc[0, "detail"].startswith("line 5")
-    assert str(catalog["study_date"].dtype).startswith("datetime64") and str(catalog["enlarged_heart"].dtype) == "Int8"
+    assert str(private["study_date"].dtype).startswith("datetime64") and str(catalog["enlarged_heart"].dtype) == "Int8"
+    assert str(catalog["quality_tag"].dtype) == "Int8" and catalog["quality_tag"].fillna(-1).eq(0).all()
 
 
 # --- CheXpert ------------------------------------------------------------------------------------------------
@@ -180,6 +183,11 @@ def test_chexpert_patients_views_blanks_and_uncovered_keys(tmp_path, root, keys_
     assert list(cat["sex"]) == ["F", "F", "F", "F", "M"] and cat["age"].iloc[0] == 68
     first = cat.iloc[0]
     assert first["support_devices"] == 1 and first["pneumothorax"] == 0
+    # No Finding = 1 beside Support Devices = 1: the device is a finding, so the catalog's `normal` is 0.
+    assert first["normal"] == 0 and result.summary["normal_contradicted_by_a_finding"] == 1
+    assert cat["normal"].fillna(-1).tolist() == [0, 0, 0, 0, 0]
+    # Lung Opacity (rows 2-4) has no key of its own: other_finding.
+    assert cat["other_finding"].fillna(-1).tolist() == [0, 1, 1, 1, 0]
     assert first["enlarged_heart"] == 0  # blank = not mentioned = absent (source.unmentioned: negative)
     assert cat["scoliosis"].isna().all()  # CheXpert has no scoliosis label: missing, not 0
     assert cat["text"].iloc[4] == "Cardiomegaly|Edema"
@@ -237,11 +245,68 @@ def test_vindr_combines_radiologists(tmp_path, root, keys_file, combine):
     assert cat.loc["img_a", "enlarged_heart"] == 1  # two of three radiologists
     assert cat.loc["img_b", "pleural_thickening"] == (1 if combine == "any" else 0)  # one of three
     assert cat.loc["img_d", "nodule_mass"] == 1  # R1's two boxes are one vote; with R2, two of three
-    assert (cat.loc["img_c", ["enlarged_heart", "nodule_mass", "pleural_effusion"]] == 0).all()
-    assert cat["scoliosis"].isna().all()
-    assert result.summary["classes_not_in_label_map"] == {"Aortic enlargement": 1, "Lung cyst": 1}
+    assert cat.loc["img_c", ["enlarged_heart", "nodule_mass", "pleural_thickening"]].fillna(-1).eq(0).all()
+    # A class the table never names leaves its key missing for every image, never 0.
+    assert cat["pleural_effusion"].isna().all() and cat["emphysema"].isna().all() and cat["scoliosis"].isna().all()
+    # "No finding" is the `normal` key, combined like any class; a finding that wins contradicts it.
+    normal = {"any": [0, 0, 1, 0], "majority": [0, 1, 1, 0]}[combine]  # img_b: two of three found nothing
+    assert cat["normal"].fillna(-1).tolist() == normal
+    # Aortic enlargement and Lung cyst have no key: other_finding, a finding that never makes an image normal.
+    assert cat["other_finding"].fillna(-1).tolist() == ([0, 1, 0, 1] if combine == "any" else [0, 0, 0, 0])
+    assert "labels_not_in_label_map" not in result.summary
+    assert cat["quality_tag"].fillna(-1).eq(0).all()
     assert cat.loc["img_b", "text"] == "Aortic enlargement|No finding|Pleural thickening"
     assert cat.loc["img_a", "path"] == "img_a.dicom"
+
+
+VINDR_IMAGE_LABELS = """image_id,rad_ID,Aortic enlargement,Cardiomegaly,Emphysema,Lung cyst,COPD,Pneumonia,Tuberculosis,Other diseases,No finding
+img_a,R8,0,0,0,0,0,0,0,0,1
+img_a,R9,0,1,0,0,1,0,0,0,0
+img_a,R10,0,1,0,0,1,0,0,0,0
+img_c,R1,0,0,0,0,0,0,0,0,1
+img_c,R2,0,0,0,0,0,0,0,0,1
+img_c,R3,0,0,0,0,0,0,0,0,1
+img_e,R4,0,0,0,0,0,1,0,0,0
+img_e,R5,0,0,0,0,0,1,0,0,0
+img_e,R6,0,0,0,0,0,0,0,0,1
+"""
+
+
+def test_vindr_image_level_labels_add_the_global_classes(tmp_path, root, keys_file):
+    write(tmp_path / "annotations_train.csv", VINDR)
+    write(tmp_path / "image_labels_train.csv", VINDR_IMAGE_LABELS)
+    source = {"format": "vindr", "annotations": str(tmp_path / "annotations_train.csv"), "check_files": False,
+              "labels": str(tmp_path / "image_labels_train.csv"), "label_map": str(root / "config/labels/vindr.yaml")}
+    result = build_catalog(source, keys_file, base="/")
+    cat = result.catalog.set_index("image_id")
+    assert list(cat.index) == ["img_a", "img_b", "img_c", "img_d", "img_e"]  # img_e is in the image-level table only
+    assert cat.loc["img_a", "emphysema"] == 1  # COPD, marked by two of three readers
+    assert cat.loc["img_e", "pneumonia"] == 1 and cat.loc["img_e", "normal"] == 0
+    assert cat.loc["img_c", "normal"] == 1 and cat.loc["img_c", ["pneumonia", "tuberculosis"]].fillna(-1).eq(0).all()
+    # Emphysema is a column of the image-level table: covered, 0 where no reader marked it.
+    assert cat["emphysema"].fillna(-1).eq(0).sum() == 4
+    assert cat["pleural_effusion"].isna().all()  # neither table has a class for it
+    assert result.summary["image_label_rows"] == 9
+
+
+def test_vindr_class_the_map_does_not_name_is_a_finding_and_is_reported(tmp_path, root, keys_file):
+    write(tmp_path / "train.csv", VINDR.replace("img_d,Lung cyst", "img_d,Alien artefact"))
+    source = {"format": "vindr", "annotations": str(tmp_path / "train.csv"), "check_files": False,
+              "label_map": str(root / "config/labels/vindr.yaml"), "combine": "any"}
+    result = build_catalog(source, keys_file, base="/")
+    assert result.summary["labels_not_in_label_map"] == {"Alien artefact": 1}
+    assert result.catalog.set_index("image_id").loc["img_d", "other_finding"] == 1
+
+
+def test_freetext_table_without_a_date_column(tmp_path, root, keys_file):
+    write(tmp_path / "notes.csv", NOTES.replace(",date,", ",").replace(",24.05.2021,", ",").replace(
+        ",2021-05-25,", ",").replace(",20210526,", ","))
+    source = freetext(tmp_path, root)
+    with pytest.raises(CxrflowError, match=r"'date' \(source.columns.date\) is not in the table.*date: null"):
+        build_catalog(source, keys_file, base="/")
+    source["columns"]["date"] = None  # what an overlay writes to drop the base config's column
+    cat = build_catalog(source, keys_file, base="/").catalog
+    assert len(cat) == 3 and cat["study_date"].isna().all() and cat.loc[0, "enlarged_heart"] == 1
 
 
 # --- MIMIC-CXR-JPG -------------------------------------------------------------------------------------------
@@ -274,6 +339,7 @@ def test_mimic_joins_metadata_labels_and_patients(tmp_path, root, keys_file):
     cat = result.catalog.set_index("image_id")
     assert result.summary["rows_read"] == 4 and result.summary["patients"] == 2
     first = cat.loc["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"]
+    assert first["normal"] == 1 and first["other_finding"] == 0  # No Finding = 1 and nothing else
     assert first["path"] == "files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg"
     assert first["enlarged_heart"] == 0 and first["view"] == "PA" and first["sex"] == "F" and first["age"] == 52
     assert cat.loc["174413ec-4ec4c1f7-34ea26b7-c5f994f8-79ef1962", "view"] == "LAT"
