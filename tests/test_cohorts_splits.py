@@ -21,7 +21,8 @@ from cxrflow.ingest import build_catalog
 from cxrflow.labels import load_keys
 from cxrflow.splits import patient_exclusive_split
 
-KEYS = ["enlarged_heart", "scoliosis", "dome_relaxation", "pneumonia", "emphysema"]
+FINDINGS = ["enlarged_heart", "scoliosis", "dome_relaxation", "pneumonia", "emphysema"]
+KEYS = FINDINGS + ["normal"]
 COHORTS = {
     "filters": {"views": ["PA"], "sex": "F", "age": [18, 120], "require_qc_pass": True},
     "exclusions": ["pneumonia", "emphysema", "dome_relaxation"],
@@ -41,12 +42,13 @@ def random_catalog(n_patients: int, seed: int) -> pd.DataFrame:
     for p in range(n_patients):
         sex = rng.choice(["F", "M"])
         for i in range(rng.integers(1, 5)):
-            labels = {k: 0 for k in KEYS}
+            labels = {k: 0 for k in FINDINGS}
             r = rng.random()
             if r < 0.3:
-                labels[rng.choice(KEYS)] = 1
+                labels[rng.choice(FINDINGS)] = 1
             elif r < 0.33:
-                labels[rng.choice(KEYS)] = None  # uncertain
+                labels[rng.choice(FINDINGS)] = None  # uncertain
+            labels["normal"] = int(r >= 0.33 and rng.random() < 0.9)  # most notes without findings say "normal"
             rows.append({"image_id": f"p{p:04d}_{i}", "patient_id": f"pt{p:04d}", "sex": sex, "age": int(rng.integers(10, 95)),
                          "view": rng.choice(["PA", "PA", "PA", "LAT"]), **labels})
     frame = pd.DataFrame(rows)
@@ -70,16 +72,19 @@ def assert_flow_adds_up(flow):
 def test_cohort_filters_in_order_with_a_flow_that_adds_up():
     catalog = random_catalog(400, 0)
     cohort, flow = build_cohort(catalog, quality_for(catalog), COHORTS, "enlarged_heart", KEYS, seed=1)
-    assert list(flow["step"]) == ["catalog", "view", "sex", "age", "quality", "exclusions", "class", "balance"]
+    assert list(flow["step"]) == ["catalog", "view", "sex", "age", "quality", "exclusions", "exclusions: uncertain", "class",
+                                  "negatives: a finding uncertain", "negatives: not affirmed normal", "balance"]
     assert_flow_adds_up(flow)
     assert flow.iloc[-1]["images"] == len(cohort) and flow.iloc[-1]["patients"] == cohort["patient_id"].nunique()
     merged = cohort.merge(catalog, on=["image_id", "patient_id"])
     assert len(merged) == len(cohort)
     assert (merged["sex"] == "F").all() and (merged["view"] == "PA").all() and merged["age"].between(18, 120).all()
-    assert (merged.loc[merged["label"] == 1, "enlarged_heart"] == 1).all()
+    assert merged.loc[merged["label"] == 1, "enlarged_heart"].fillna(0).eq(1).all()
     negatives = merged[merged["label"] == 0]
-    assert (negatives[KEYS] == 0).all(axis=None), "negatives carry no pathology label, and none is uncertain"
-    assert (merged[["pneumonia", "emphysema", "dome_relaxation"]] != 1).all(axis=None)
+    # Nullable Int8: NA == 0 is NA, which .all() would skip; fillna with a value that fails makes NA count.
+    assert negatives[FINDINGS].fillna(1).eq(0).all(axis=None), "negatives carry no finding, and none is uncertain"
+    assert negatives["normal"].fillna(0).eq(1).all(), "every negative is affirmed normal"
+    assert merged[["pneumonia", "emphysema", "dome_relaxation"]].fillna(1).ne(1).all(axis=None), "no exclusion, not even uncertain"
     assert cohort["label"].value_counts().nunique() == 1, "balanced by undersampling"
     qc_failed = set(catalog["image_id"][~quality_for(catalog)["qc_pass"]])
     assert not qc_failed & set(cohort["image_id"])
@@ -90,12 +95,13 @@ def test_balance_none_keeps_every_class_image_and_max_per_class_caps_each_class(
     catalog = random_catalog(600, 11)
     unbalanced = {**COHORTS, "balance": "none"}
     kept, flow = build_cohort(catalog, None, unbalanced, "enlarged_heart", KEYS, seed=1)
-    assert list(flow["step"]) == ["catalog", "view", "sex", "age", "exclusions", "class"]
+    assert list(flow["step"]) == ["catalog", "view", "sex", "age", "exclusions", "exclusions: uncertain", "class",
+                                  "negatives: a finding uncertain", "negatives: not affirmed normal"]
     counts = kept["label"].value_counts()
     assert counts[0] > 2 * counts[1] > 0, "without balancing the negatives outnumber the positives"
 
     capped, flow = build_cohort(catalog, None, {**unbalanced, "max_per_class": 40}, "enlarged_heart", KEYS, seed=1)
-    assert list(flow["step"])[-2:] == ["class", "cap"]
+    assert list(flow["step"])[-2:] == ["negatives: not affirmed normal", "cap"]
     assert flow.iloc[-1]["reason"] == "more than 40 images in the class"
     assert_flow_adds_up(flow)
     assert capped["label"].value_counts().to_dict() == {0: 40, 1: min(40, counts[1])}
@@ -103,7 +109,7 @@ def test_balance_none_keeps_every_class_image_and_max_per_class_caps_each_class(
 
     # The cap after undersampling: both classes first fall to the smaller one, then to the cap.
     both, flow = build_cohort(catalog, None, {**COHORTS, "max_per_class": 10}, "enlarged_heart", KEYS, seed=1)
-    assert list(flow["step"])[-3:] == ["class", "balance", "cap"]
+    assert list(flow["step"])[-3:] == ["negatives: not affirmed normal", "balance", "cap"]
     assert both["label"].value_counts().to_dict() == {0: 10, 1: 10}
 
 

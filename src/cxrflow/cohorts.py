@@ -1,10 +1,27 @@
 """Cohorts: for one pathology, its positives against the shared "no pathology" pool, filtered as in the paper.
 
-Filters run in a fixed order (view, sex, age, QC, exclusions, class definition, balancing, cap) and each one
-records how many images and patients it removed and why: the CONSORT-style flow of the cohort.
+Filters run in a fixed order (view, sex, age, QC, quality tag, duplicates, exclusions, uncertain exclusions, class
+definition, the negatives' rules, balancing, cap) and each one records how many images and patients it removed and
+why: the CONSORT-style flow of the cohort.
 
-The filters narrow an array of row positions instead of copying ever smaller DataFrames, and the first four
-(view, sex, age, QC) do not depend on the pathology, so `build_cohorts` runs them once for several cohorts.
+Which keys a source labels: a key counts as labelled when its catalog column holds at least one non-missing value
+(in the catalog given, before any filter). A key the source never labels (NIH has no "pneumosclerosis": the column
+is all missing) neither makes an image uncertain nor counts as a finding; a missing value on a labelled key is
+"uncertain or not assessed".
+
+The negative class (`cohorts.negatives`):
+  normal      (default) the source affirms a normal study (key `normal` == 1), no labelled key is 1 or missing,
+              and the image carries no dataset quality tag (catalog column `quality_tag` == 1, e.g. PadChest
+              'exclude' or 'suboptimal study'; tagged images leave both classes, in the step "quality tag").
+  unlabelled  the older, weaker rule: no key is 1 and the target is 0. Images with an uncertain finding, an
+              unlabelled state or nothing affirmed at all become negatives; in PadChest's six cohorts about one
+              negative in ten is then not a normal study (tests/test_negatives.py prints the figures).
+With `cohorts.uncertain_exclusions: remove` (default) an image with a missing value on a labelled exclusion key
+leaves both classes (step "exclusions: uncertain"); `keep` keeps it, as before.
+
+The filters narrow an array of row positions instead of copying ever smaller DataFrames, and the first six
+(view, sex, age, QC, quality tag, duplicates) do not depend on the pathology, so `build_cohorts` runs them once for
+several cohorts.
 A 2,000,000-row catalog takes seconds for all nine (benchmarks/cohorts.py).
 """
 
@@ -19,30 +36,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrflow.errors import CxrflowError
+from cxrflow_plan import enabled_pathologies  # noqa: F401  (Snakemake plans the cohorts with it)
 
 FLOW_COLUMNS = ["step", "images", "patients", "positives", "negatives", "removed_images", "removed_patients", "reason"]
 # The catalog columns a cohort reads besides the label keys; the pipeline loads only these.
 COHORT_COLUMNS = ["image_id", "patient_id", "sex", "age", "view"]
+NORMAL_KEY = "normal"  # the source's own affirmation of a normal study (config/labels/keys.yaml)
+QUALITY_TAG = "quality_tag"  # optional catalog column: 1 = the dataset tags the image to leave out
+OPTIONAL_COLUMNS = [QUALITY_TAG]  # read when the catalog has them
 
 
 def cohort_seed(seed: int, pathology: str) -> int:
     """One seed per cohort, so that changing one cohort's config leaves every other cohort unchanged."""
     return (seed * 1_000_003 + zlib.crc32(pathology.encode())) % (2**32)
-
-
-def enabled_pathologies(cohorts_cfg: dict) -> list[str]:
-    """The cohorts that run: `cohorts.enabled` when given (an overlay config cannot delete a pathology that the
-    base config defines, but it can leave it out), else every configured pathology; sorted."""
-    configured = cohorts_cfg["pathologies"]
-    enabled = cohorts_cfg.get("enabled")
-    if enabled is None:
-        return sorted(configured)
-    unknown = [p for p in enabled if p not in configured]
-    if unknown:
-        raise CxrflowError(f"cohorts.enabled: {unknown} not in cohorts.pathologies; configured: {sorted(configured)}")
-    if not enabled:
-        raise CxrflowError("cohorts.enabled: the list is empty; name at least one pathology, or remove the key to run all")
-    return sorted(set(enabled))
 
 
 def exclusion_keys(cohorts_cfg: dict, pathology: str) -> list[str]:
@@ -52,25 +58,43 @@ def exclusion_keys(cohorts_cfg: dict, pathology: str) -> list[str]:
 
 
 def build_cohort(catalog: pd.DataFrame, quality: pd.DataFrame | None, cohorts_cfg: dict, pathology: str,
-                 keys: list[str], seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 keys: list[str], seed: int, *, duplicates: pd.DataFrame | None = None,
+                 with_pool: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (cohort, flow): cohort rows are image_id, patient_id, label (sorted by image_id); flow has one
     row per filter with the images and patients left, what it removed, and why.
 
-    Raises CxrflowError for an unknown pathology or key, and when the source never labels the cohort's target
-    (every value missing), since such a cohort can have neither positives nor negatives.
+    `duplicates` (image_id, group), when given, keeps one image per duplicate group (the first by image_id) in the
+    step "duplicates" (`split.duplicates: drop`). With `with_pool`, the cohort also holds the eligible images that
+    balancing and the cap left out, and a bool column `selected` marks the cohort proper: a natural-prevalence
+    test split (`split.test_prevalence: natural`) draws on them.
+
+    Raises CxrflowError for an unknown pathology or key, when the source never labels the cohort's target
+    (every value missing), since such a cohort can have neither positives nor negatives, and with
+    `negatives: normal` when the source never affirms a normal study.
     """
-    return build_cohorts(catalog, quality, cohorts_cfg, [pathology], keys, seed)[pathology]
+    return build_cohorts(catalog, quality, cohorts_cfg, [pathology], keys, seed, duplicates=duplicates,
+                         with_pool=with_pool)[pathology]
 
 
 def build_cohorts(catalog: pd.DataFrame, quality: pd.DataFrame | None, cohorts_cfg: dict, pathologies: list[str],
-                  keys: list[str], seed: int) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+                  keys: list[str], seed: int, *, duplicates: pd.DataFrame | None = None,
+                  with_pool: bool = False) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     """`build_cohort` for several pathologies at once, running the filters they share only once.
     Each result is identical to what `build_cohort` gives for that pathology alone."""
     for pathology in pathologies:
         _check_entry(catalog, cohorts_cfg, pathology, keys)
     catalog_rows = _Rows(catalog, keys)
-    shared = _shared_filters(catalog_rows, quality, cohorts_cfg.get("filters", {}))
-    return {p: _finish(shared, cohorts_cfg, p, seed) for p in pathologies}
+    shared = _shared_filters(catalog_rows, quality, cohorts_cfg, duplicates)
+    return {p: _finish(shared, cohorts_cfg, p, seed, with_pool) for p in pathologies}
+
+
+def negative_rule(cohorts_cfg: dict) -> str:
+    return cohorts_cfg.get("negatives", "normal")
+
+
+def labelled_keys(catalog: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The keys the source labels: those whose catalog column holds at least one non-missing value."""
+    return [k for k in keys if catalog[k].notna().any()]
 
 
 def _check_entry(catalog: pd.DataFrame, cohorts_cfg: dict, pathology: str, keys: list[str]) -> None:
@@ -88,6 +112,16 @@ def _check_entry(catalog: pd.DataFrame, cohorts_cfg: dict, pathology: str, keys:
             f"cohorts.pathologies.{pathology}: the source never labels {targets} (every catalog value is missing), "
             f"so this cohort can have neither positives nor negatives; leave it out with cohorts.enabled "
             f"(config/padchest.yaml shows how)")
+    if negative_rule(cohorts_cfg) == "normal":
+        if NORMAL_KEY not in keys or NORMAL_KEY not in catalog.columns:
+            raise CxrflowError(f"cohorts.negatives: normal needs the label key {NORMAL_KEY!r} (config/labels/keys.yaml) "
+                               f"and its catalog column; use cohorts.negatives: unlabelled for the older rule")
+        if not catalog[NORMAL_KEY].eq(1).any():
+            raise CxrflowError(
+                f"cohorts.negatives: normal, but the source never affirms a normal study (no catalog value of "
+                f"{NORMAL_KEY!r} is 1), so cohort {pathology!r} can have no negatives; map the source's normal label "
+                f"(e.g. NIH 'No Finding') or its vocabulary's normal phrases to {NORMAL_KEY!r}, or set "
+                f"cohorts.negatives: unlabelled (weaker: negatives need not be normal studies)")
 
 
 class _Rows:
@@ -98,6 +132,7 @@ class _Rows:
         self.keys = list(keys)
         self.patient_codes = pd.factorize(catalog["patient_id"])[0]
         self.n_patients = int(self.patient_codes.max()) + 1 if len(catalog) else 0
+        self.labelled = labelled_keys(catalog, self.keys)  # on the whole catalog, before any filter
         self.rows = np.arange(len(catalog))
         self.label: np.ndarray | None = None
         self.key_cache: dict[str, np.ndarray] = {}
@@ -143,8 +178,10 @@ class _Rows:
         self.record(step, reason)
 
 
-def _shared_filters(rows: _Rows, quality: pd.DataFrame | None, filters: dict) -> _Rows:
-    """The filters that do not depend on the pathology, in their fixed order."""
+def _shared_filters(rows: _Rows, quality: pd.DataFrame | None, cohorts_cfg: dict,
+                    duplicates: pd.DataFrame | None) -> _Rows:
+    """The filters that do not depend on the pathology, in their fixed order. A filter set to null is off."""
+    filters = cohorts_cfg.get("filters", {})
     if filters.get("views"):
         rows.keep(_isin(rows.column("view"), filters["views"]), "view", f"view not in {filters['views']}")
     if filters.get("sex"):
@@ -156,25 +193,49 @@ def _shared_filters(rows: _Rows, quality: pd.DataFrame | None, filters: dict) ->
                   f"age outside [{lo}, {hi}] (or unknown)")
     if filters.get("require_qc_pass", True) and quality is not None:
         rows.keep(_passed_qc(rows.column("image_id"), quality), "quality", "failed quality control or could not be decoded")
+    if negative_rule(cohorts_cfg) == "normal" and QUALITY_TAG in rows.catalog.columns:
+        tagged = rows.column(QUALITY_TAG).eq(1).to_numpy(dtype=bool, na_value=False)
+        rows.keep(~tagged, "quality tag", "the source tags the image to leave out (e.g. PadChest 'exclude', 'suboptimal study')")
+    if duplicates is not None:
+        rows.keep(_first_of_each_duplicate_group(rows.column("image_id"), duplicates), "duplicates",
+                  "a copy of another image (same duplicate group); the first by image_id is kept")
     return rows
 
 
-def _finish(shared: _Rows, cohorts_cfg: dict, pathology: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The pathology's own steps: exclusions, class definition, balancing, cap."""
+def _finish(shared: _Rows, cohorts_cfg: dict, pathology: str, seed: int,
+            with_pool: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The pathology's own steps: exclusions, class definition, the negatives' rules, balancing, cap."""
     rows = shared.copy()
     targets = list(cohorts_cfg["pathologies"][pathology]["positive"])
     excluded = exclusion_keys(cohorts_cfg, pathology)
     if excluded:
         rows.keep(~(rows.key_values(excluded) == 1).any(axis=0), "exclusions", "carries an exclusion finding")
+    labelled_excluded = [k for k in excluded if k in rows.labelled]
+    if labelled_excluded and cohorts_cfg.get("uncertain_exclusions", "remove") == "remove":
+        rows.keep(~(rows.key_values(labelled_excluded) == -1).any(axis=0), "exclusions: uncertain",
+                  "an exclusion finding is uncertain or not assessed (missing)")
 
+    findings = [k for k in rows.keys if k != NORMAL_KEY]  # `normal` == 1 is no finding
     target_values = rows.key_values(targets)
     positive = (target_values == 1).any(axis=0)
-    # A negative has no positive label at all, and its target is known to be absent (not uncertain, not unlabelled).
-    no_pathology = ~(rows.key_values(rows.keys) == 1).any(axis=0) & (target_values == 0).all(axis=0)
+    # A negative has no finding at all, and its target is known to be absent (not uncertain, not unlabelled).
+    no_pathology = ~(rows.key_values(findings) == 1).any(axis=0) & (target_values == 0).all(axis=0)
     rows.rows = rows.rows[positive | no_pathology]
     rows.label = positive[positive | no_pathology].astype(np.int8)
     rows.record("class", "other findings, or the target is uncertain or unlabelled")
 
+    if negative_rule(cohorts_cfg) == "normal":
+        negative = rows.label == 0
+        labelled_findings = [k for k in findings if k in rows.labelled]
+        uncertain = (rows.key_values(labelled_findings) == -1).any(axis=0)
+        rows.keep(~(negative & uncertain), "negatives: a finding uncertain",
+                  "negative with a finding the source labels uncertain or not assessed (missing)")
+        negative = rows.label == 0
+        affirmed = rows.key_values([NORMAL_KEY])[0] == 1
+        rows.keep(~(negative & ~affirmed), "negatives: not affirmed normal",
+                  f"negative the source does not affirm as a normal study ({NORMAL_KEY!r} is not 1)")
+
+    pool = _cohort_frame(rows)
     rng = np.random.default_rng(cohort_seed(seed, pathology))
     if cohorts_cfg.get("balance", "undersample") == "undersample":
         n = int(np.bincount(rows.label, minlength=2).min())
@@ -184,13 +245,32 @@ def _finish(shared: _Rows, cohorts_cfg: dict, pathology: str, seed: int) -> tupl
     if cap:
         rows.keep(_sample_per_class(rows.column("image_id"), rows.label, cap, rng), "cap", f"more than {cap} images in the class")
 
+    cohort = _cohort_frame(rows)
+    if with_pool:
+        cohort = pool.assign(selected=pool["image_id"].isin(cohort["image_id"]).to_numpy(dtype=bool))
+    return cohort, pd.DataFrame(rows.flow, columns=FLOW_COLUMNS)
+
+
+def _cohort_frame(rows: _Rows) -> pd.DataFrame:
     cohort = pd.DataFrame({
         "image_id": rows.column("image_id").to_numpy(),
         "patient_id": rows.column("patient_id").to_numpy(),
         "label": rows.label,
     })
-    cohort = cohort.sort_values("image_id", kind="stable").reset_index(drop=True)
-    return cohort, pd.DataFrame(rows.flow, columns=FLOW_COLUMNS)
+    return cohort.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+
+def _first_of_each_duplicate_group(image_ids: pd.Series, duplicates: pd.DataFrame) -> np.ndarray:
+    """A mask keeping every image that is in no duplicate group, and the first (by image_id) of each group's
+    images that are still there."""
+    table = duplicates.drop_duplicates("image_id")
+    group_of = pd.Series(table["group"].astype("string").to_numpy(), index=table["image_id"].astype("string").to_numpy())
+    frame = pd.DataFrame({"image_id": image_ids.astype("string").to_numpy()})
+    frame["group"] = frame["image_id"].map(group_of)
+    grouped = frame[frame["group"].notna()].sort_values(["group", "image_id"], kind="stable")
+    keep = np.ones(len(frame), dtype=bool)
+    keep[grouped.index[grouped["group"].duplicated()].to_numpy()] = False
+    return keep
 
 
 def _isin(values: pd.Series, allowed) -> np.ndarray:

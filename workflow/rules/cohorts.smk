@@ -1,6 +1,8 @@
 # One job per cohort, so that editing one cohort's config reruns only that cohort (cohort_settings passes
 # only what it depends on). A cohort whose target the source never labels fails with a message naming it;
-# leave such cohorts out with `cohorts.enabled` (config/padchest.yaml).
+# leave such cohorts out with `cohorts.enabled` (config/padchest.yaml). The cohort file keeps the eligible
+# images that balancing left out (selected: false) for a natural-prevalence test split; with
+# split.duplicates: drop it reads the duplicate table and keeps one image per group.
 rule cohort:
     input:
         unpack(cohort_inputs),
@@ -15,6 +17,7 @@ rule cohort:
         ),
     log:
         "results/logs/cohort/{pathology}.log",
+    localrule: True
     conda:
         "../../envs/data.yaml"
     params:
@@ -40,6 +43,7 @@ rule cohort_flows:
         ),
     log:
         "results/logs/cohort_flows.log",
+    localrule: True
     conda:
         "../../envs/data.yaml"
     script:

@@ -12,4 +12,5 @@ with script(snakemake):
         snakemake.output.cohort,
         snakemake.output.flow,
         snakemake.output.figure,
+        duplicates_path=snakemake.input.get("duplicates"),
     )

@@ -8,4 +8,5 @@ with script(snakemake):
         snakemake.params.seed,
         snakemake.wildcards.pathology,
         snakemake.output.manifest,
+        duplicates_path=snakemake.input.get("duplicates"),
     )
