@@ -2,8 +2,14 @@
 image + a ledger of every input row that did not become one.
 
 `source.format` picks one adapter per format. Every adapter returns the same frame: the columns of
-`CATALOG_COLUMNS` and one 1/0/missing column per canonical label key, plus optionally `_reason`/`_detail` for
-rows the adapter itself has to refuse (a file that is not DICOM, a PadChest label list that does not parse).
+`CATALOG_COLUMNS` (`quality_tag` may be left out: it is then 0) and one 1/0/missing column per canonical label
+key, plus optionally `_reason`/`_detail` for rows the adapter itself has to refuse (a file that is not DICOM, a
+PadChest label list that does not parse).
+
+Public datasets' native labels are mapped by a label map (config/labels/<dataset>.yaml, `LabelMap`) that
+accounts for every native label: to a canonical key, to `normal` (the dataset's own "normal study" label), to
+`other_finding`, to `ignore` (with the reason) or to `quality_tags`. A label the map does not name still counts
+as `other_finding` and is named in the summary; `normal` is 1 only when no finding of the image contradicts it.
 What the adapters have in common (missing ids, duplicate ids, missing files, sex conflicts, pseudonymization,
 the ledger, the counts) happens once, in `build_catalog`.
 
@@ -23,7 +29,6 @@ import ast
 import codecs
 import functools
 import io
-import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,12 +39,17 @@ import pandas as pd
 import yaml
 
 
+from cxrflow.archive import MIN_FOUND_FRACTION, check_paths, found_fraction_check, image_folder, list_archive
 from cxrflow.errors import CxrflowError
 from cxrflow.io import YAML_LOADER
+from cxrflow.table_checks import (RecordLines, bom_codec, check_not_binary, leading_blank_lines, long_record_error,
+                                  read_text_file, wide_text_as_utf8)
 from cxrflow.labels import AFFIRMED, NEGATED, UNCERTAIN, UNMENTIONED, label_texts, load_keys, load_vocabulary
 from cxrflow.privacy import pseudonym_key, pseudonymize
 
-CATALOG_COLUMNS = ["image_id", "patient_id", "sex", "age", "view", "study_date", "path", "text"]
+# quality_tag: 1 when the dataset itself tags the image to be left out (a label map's `quality_tags`, e.g.
+# PadChest 'exclude', 'suboptimal study'); 0 otherwise, and for sources that have no such tags.
+CATALOG_COLUMNS = ["image_id", "patient_id", "sex", "age", "view", "study_date", "path", "text", "quality_tag"]
 LEDGER_COLUMNS = ["stage", "source", "item", "reason", "detail"]
 
 SEX_VALUES = {
@@ -77,7 +87,7 @@ class Report:
     ledger: list = field(default_factory=list)
     unrecognized: dict = field(default_factory=dict)
     facts: dict = field(default_factory=dict)
-    line_numbers: bool = False  # frame row i is line i + 2 of the table (header + 1-based)
+    line_numbers: RecordLines | None = None  # the table's record -> file line (frame row i is record i)
     workers: int = 1  # processes an adapter may use (the ingest rule's threads); only the DICOM folder reader does
 
     def unmatched(self, items, reason: str, detail="") -> None:
@@ -163,6 +173,10 @@ def _parse_csv(data, path: Path, sep: str, head: bytes, usecols=None) -> pd.Data
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    blank, offset = leading_blank_lines(head)
+    if blank:  # blank lines before the header: parse from the header on (rare: the bytes come into memory)
+        raw = data if isinstance(data, bytes) else _read_bytes(Path(data), Path(data).suffix.lower() == ".gz")
+        data, head = raw[offset:], head[offset:]
     end = head.find(b"\n")
     header = pacsv.read_csv(io.BytesIO(head[: end if end >= 0 else len(head)] + b"\n"),
                             parse_options=pacsv.ParseOptions(delimiter=sep),
@@ -197,14 +211,18 @@ def _parse_csv(data, path: Path, sep: str, head: bytes, usecols=None) -> pd.Data
             row = bad_rows[0]
             raw = data if isinstance(data, bytes) else _read_bytes(Path(data), Path(data).suffix.lower() == ".gz")
             offset = raw.find(row.text.encode("utf-8")) if row.text else -1
-            line = f"line {_line_of(raw, offset)}" if offset >= 0 else "a row"
+            line = f"line {_line_of(raw, offset) + blank}" if offset >= 0 else "a row"
             raise CxrflowError(f"{path}: {line} has {row.actual_columns} fields, the header has "
                                f"{row.expected_columns}: {row.text[:120]!r}") from None
+        if "straddl" in message:  # one record is longer than a block: name it rather than pyarrow's block
+            raw = data if isinstance(data, bytes) else _read_bytes(Path(data), Path(data).suffix.lower() == ".gz")
+            raise long_record_error(raw.decode("utf-8", errors="replace"), path, sep, 16 << 20, blank) from None
         raise CxrflowError(f"{path}: cannot read the table: {message}") from None
     # One chunk per column: pandas filters, takes and factorizes a chunked column several times slower.
     table = table.combine_chunks()
     frame = table.to_pandas(types_mapper={pa.large_string(): pd.StringDtype("pyarrow")}.get)
     frame.attrs["columns_in_file"] = names
+    frame.attrs["header_line"] = 1 + blank
     return frame
 
 
@@ -230,15 +248,19 @@ def read_table(path: str | Path, encoding: str = "auto", sep: str | None = None,
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in {".xlsx", ".xlsm", ".xls", ".ods"}:
         table = _read_excel(path)
+        table.attrs["record_lines"] = RecordLines(None, "", "", 1, len(table))  # row i is sheet row i + 2
     else:
         gzipped = bool(suffixes) and suffixes[-1] == ".gz"
         if gzipped:
             suffixes = suffixes[:-1]
         if sep is None:
             sep = "\t" if suffixes and suffixes[-1] in {".tsv", ".tab"} else ","
-        if _codec(encoding, path) not in ("auto", "utf-8"):
+        codec = _codec(encoding, path)
+        if codec not in ("auto", "utf-8"):
             raw = _read_bytes(path, gzipped)
-            data, _ = _as_utf8(raw, path, encoding)
+            check_not_binary(raw[:65536], path, codec)
+            wide = wide_text_as_utf8(raw, path, encoding)
+            data, codec = (wide, bom_codec(raw[:4])) if wide is not None else _as_utf8(raw, path, encoding)
             head = data[: 1 << 20]
         else:
             # UTF-8 (or so we hope): pyarrow reads and decompresses the file itself, in step with parsing, and
@@ -253,7 +275,12 @@ def read_table(path: str | Path, encoding: str = "auto", sep: str | None = None,
                 raise CxrflowError(f"{path}: not a readable gzip file: {err}") from None
             if not head.strip() and len(head) < 1 << 20:
                 raise CxrflowError(f"{path}: the table is empty")
+            check_not_binary(head, path)
             data, raw = path, None
+            if bom_codec(head[:4]) in ("utf-16", "utf-32"):  # as the byte-order mark says, whatever the name
+                raw = _read_bytes(path, gzipped)
+                data, codec = wide_text_as_utf8(raw, path, encoding), bom_codec(raw[:4])
+                head, raw = data[: 1 << 20], None
         try:
             table = _parse_csv(data, path, sep, head, usecols)
         except _Utf8Error:
@@ -269,15 +296,26 @@ def read_table(path: str | Path, encoding: str = "auto", sep: str | None = None,
             del raw, data
             data = text.encode("utf-8")
             del text
+            codec = "cp1251"
             table = _parse_csv(data, path, sep, data[: 1 << 20], usecols)
     if table.empty:
         raise CxrflowError(f"{path}: the table has a header but no rows")
+    if "header_line" in table.attrs:  # a text table (an Excel sheet's rows are its records)
+        table.attrs["record_lines"] = RecordLines(path, codec, sep, table.attrs.pop("header_line"), len(table))
     table.columns = [str(c).strip() for c in table.columns]
     in_file = table.attrs.get("columns_in_file") or list(table.columns)
     if usecols is not None:
         table = table[[c for c in table.columns if c in set(usecols)]]
     table.attrs["columns_in_file"] = in_file  # for error messages: what the file has, not what was read
     return table
+
+
+def record_lines(table: pd.DataFrame, positions) -> pd.Series:
+    """'line N' (the file's line) of each record position of a table that read_table returned."""
+    positions = np.asarray(positions, dtype=np.int64)
+    lines = table.attrs.get("record_lines")
+    numbers = lines.of(positions) if lines is not None else positions + 2
+    return "line " + pd.Series(numbers, dtype="int64").astype(str)
 
 
 def _read_bytes(path: Path, gzipped: bool) -> bytes:
@@ -418,25 +456,80 @@ def _missing(index) -> pd.Series:
 
 # --- labels from native label sets ------------------------------------------------------------------------------
 
-def load_mapping(source: dict, base: Path, keys: list[str]) -> dict:
-    """The dataset's native label -> canonical key map, from the YAML file that source.label_map names."""
+NORMAL_KEY = "normal"  # the source's own affirmation of a normal study (config/labels/keys.yaml)
+OTHER_KEY = "other_finding"  # a native finding with no canonical key of its own: never normal, never a negative
+
+
+@dataclass
+class LabelMap:
+    """A dataset's native labels, each accounted for once (config/labels/<dataset>.yaml):
+    `labels` maps a native label to a canonical key (`normal` for the dataset's own "normal study" label,
+    `other_finding` for a finding with no key of its own); `ignore` names labels that carry no finding, each with
+    the reason; `quality_tags` names the dataset's own "leave this image out" tags, each with the reason (an image
+    carrying one gets catalog column `quality_tag` = 1, which the cohorts' negative rule removes)."""
+
+    path: Path
+    labels: dict
+    ignore: dict
+    quality_tags: dict
+
+    def accounts_for(self, native: str) -> bool:
+        return native in self.labels or native in self.ignore or native in self.quality_tags
+
+    def unaccounted(self, natives) -> list[str]:
+        return sorted({str(n) for n in natives if not self.accounts_for(str(n))})
+
+
+def _reasons(data: dict, section: str, path: Path) -> dict:
+    """An `ignore:` or `quality_tags:` section: native label -> why (the reason is required)."""
+    value = data.get(section) or {}
+    if not isinstance(value, dict):
+        raise CxrflowError(f"{path}: '{section}:' must map each native label to the reason, e.g. 'unchanged: a "
+                           f"comparison with an earlier study, not a finding'")
+    bare = [str(k) for k, why in value.items() if not isinstance(why, str) or not why.strip()]
+    if bare:
+        raise CxrflowError(f"{path}: {section}: {bare[0]!r} needs a reason (native label: why)")
+    return {str(k).strip(): str(why) for k, why in value.items()}
+
+
+def load_label_map(source: dict, base: Path, keys: list[str]) -> LabelMap:
+    """The dataset's label map, from the YAML file that source.label_map names."""
     if not source.get("label_map"):
         raise CxrflowError(f"source.label_map: required for source.format {source.get('format')}")
     path = base / source["label_map"]
     if not path.is_file():
         raise CxrflowError(f"source.label_map: no such file: {path}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=YAML_LOADER) or {}
+        data = yaml.load(read_text_file(path, "source.label_map"), Loader=YAML_LOADER) or {}
     except yaml.YAMLError as err:
         raise CxrflowError(f"{path}: not valid YAML: {err}") from None
     mapping = data.get("labels") if isinstance(data, dict) else None
     if not isinstance(mapping, dict):
         raise CxrflowError(f"{path}: expected a mapping under 'labels:' (native label -> canonical key)")
-    mapping = {str(native).strip(): str(key) for native, key in mapping.items() if key}
+    unknown_sections = sorted(set(data) - {"labels", "ignore", "quality_tags"})
+    if unknown_sections:
+        raise CxrflowError(f"{path}: unknown section(s) {unknown_sections}; a label map has labels, ignore and "
+                           f"quality_tags")
+    unmapped = [str(native) for native, key in mapping.items() if not key]
+    if unmapped:
+        raise CxrflowError(f"{path}: labels: {unmapped[0]!r} maps to nothing; map it to a key or to {OTHER_KEY}, "
+                           f"or move it to 'ignore:' with the reason")
+    mapping = {str(native).strip(): str(key) for native, key in mapping.items()}
     unknown = sorted(set(mapping.values()) - set(keys))
     if unknown:
         raise CxrflowError(f"{path}: label mapping points to unknown canonical key(s) {unknown}")
-    return mapping
+    label_map = LabelMap(path, mapping, _reasons(data, "ignore", path), _reasons(data, "quality_tags", path))
+    sections = [set(label_map.labels), set(label_map.ignore), set(label_map.quality_tags)]
+    twice = sorted((sections[0] & sections[1]) | (sections[0] & sections[2]) | (sections[1] & sections[2]))
+    if twice:
+        raise CxrflowError(f"{path}: {twice[0]!r} is in more than one of labels, ignore and quality_tags")
+    return label_map
+
+
+def _no_quality_tags(label_map: LabelMap, fmt: str) -> None:
+    if label_map.quality_tags:
+        raise CxrflowError(f"{label_map.path}: quality_tags: source.format {fmt} has no quality tags to read "
+                           f"(they are read from label lists: nih, padchest)")
 
 
 def _int8_columns(values: np.ndarray, missing: np.ndarray, codes: np.ndarray, keys, index) -> pd.DataFrame:
@@ -446,20 +539,40 @@ def _int8_columns(values: np.ndarray, missing: np.ndarray, codes: np.ndarray, ke
     return pd.DataFrame(columns, index=index, columns=list(keys), copy=False)
 
 
-def native_label_matrix(raw: pd.Series, parse, mapping: dict, keys: list[str]) -> tuple[pd.DataFrame, pd.Series]:
+def contradicted_normal(values: np.ndarray, missing: np.ndarray, keys: list[str]) -> np.ndarray:
+    """Rows (of a distinct-rows table) whose normal affirmation a finding on the same image contradicts: any other
+    key is 1. Their `normal` is set to 0 in place: the finding wins, and the image is not a normal study."""
+    if NORMAL_KEY not in keys:
+        return np.zeros(len(values), dtype=bool)
+    normal = keys.index(NORMAL_KEY)
+    finding = (values == 1) & ~missing
+    finding[:, normal] = False
+    contradicted = (values[:, normal] == 1) & ~missing[:, normal] & finding.any(axis=1)
+    values[contradicted, normal] = 0
+    return contradicted
+
+
+def native_label_matrix(raw: pd.Series, parse, label_map: LabelMap, keys: list[str],
+                        report: Report | None = None) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
     """Labels from a column holding a list of native labels per row ("Cardiomegaly|Effusion", "['normal']").
 
     `parse` turns one distinct value into a list of labels (or None when it cannot). A key is 1 if a mapped
     label is present, 0 if the dataset covers the key but the row lacks it, missing if the dataset has no label
-    for the key. Returns the label frame and a mask of rows whose value could not be parsed.
+    for the key. A label the map does not account for counts as `other_finding` (and is named in the summary):
+    an unknown finding must never make an image look normal. `normal` is 1 only when no other key is 1.
+    Returns the label frame, a mask of rows whose value could not be parsed, and a mask of rows carrying one
+    of the map's quality tags.
     """
     codes, uniques = pd.factorize(raw, use_na_sentinel=True)
     index = {k: i for i, k in enumerate(keys)}
-    covered = [index[k] for k in set(mapping.values())]
+    mapping = label_map.labels
+    covered = sorted({index[k] for k in set(mapping.values())})
     values = np.zeros((len(uniques) + 1, len(keys)), dtype=np.int8)  # last row: a missing value
     missing = np.ones_like(values, dtype=bool)
     missing[:-1, covered] = False
     unparseable = np.zeros(len(uniques) + 1, dtype=bool)
+    tagged = np.zeros(len(uniques) + 1, dtype=bool)
+    unaccounted = defaultdict(list)  # label -> distinct rows
     for row, value in enumerate(uniques):
         labels = parse(value)
         if labels is None:
@@ -470,17 +583,41 @@ def native_label_matrix(raw: pd.Series, parse, mapping: dict, keys: list[str]) -
             key = mapping.get(label)
             if key is not None:
                 values[row, index[key]] = 1
+            elif label in label_map.quality_tags:
+                tagged[row] = True
+            elif label not in label_map.ignore:
+                unaccounted[label].append(row)
+                if OTHER_KEY in index:
+                    values[row, index[OTHER_KEY]] = 1
+    if unaccounted and OTHER_KEY in index:  # the source can say more than the map: other_finding is labelled
+        missing[:-1, index[OTHER_KEY]] = unparseable[:-1]
+    contradicted = contradicted_normal(values, missing, keys)
+    if report is not None:
+        rows_per_distinct = np.bincount(codes[codes >= 0], minlength=len(uniques) + 1)
+        if unaccounted:
+            report.facts["labels_not_in_label_map"] = {
+                label: int(rows_per_distinct[rows].sum()) for label, rows in sorted(unaccounted.items())}
+        if NORMAL_KEY in index:
+            report.facts["normal_contradicted_by_a_finding"] = int(rows_per_distinct[contradicted].sum())
     frame = _int8_columns(values, missing, codes, keys, raw.index)
-    return frame, pd.Series(unparseable[codes], index=raw.index)
+    return frame, pd.Series(unparseable[codes], index=raw.index), pd.Series(tagged[codes], index=raw.index)
 
 
-def column_label_matrix(table: pd.DataFrame, mapping: dict, keys: list[str], source: dict, path,
-                        report: Report) -> tuple[pd.DataFrame, pd.Series]:
+def column_label_matrix(table: pd.DataFrame, label_map: LabelMap, keys: list[str], source: dict, path,
+                        report: Report, metadata_columns=()) -> tuple[pd.DataFrame, pd.Series]:
     """Labels from one column per native label holding 1 / 0 / -1 (uncertain) / blank (not mentioned), as
     CheXpert and MIMIC-CXR write them. Several native columns on one key: the strongest state wins, as in
-    `cxrflow.labels` (affirmed > uncertain > negated > not mentioned). Also returns a short text per row
-    naming the positive (and, with '?', the uncertain) native labels."""
+    `cxrflow.labels` (affirmed > uncertain > negated > not mentioned). `normal` ("No Finding") is 1 only when no
+    other key is 1. Also returns a short text per row naming the positive (and, with '?', the uncertain) native
+    labels. Columns of the file that are neither `metadata_columns` nor accounted for by the map are named in
+    the summary (labels_not_in_label_map)."""
+    mapping = label_map.labels
+    _no_quality_tags(label_map, source.get("format"))
     require_columns(table, list(mapping), f"{path} (columns named in {source['label_map']})")
+    in_file = table.attrs.get("columns_in_file", list(table.columns))
+    unaccounted = [c for c in label_map.unaccounted(set(in_file) - set(metadata_columns)) if c in in_file]
+    if unaccounted:
+        report.facts["labels_not_in_label_map"] = unaccounted
     uncertain = source.get("uncertain", "missing")
     unmentioned = source.get("unmentioned", "negative")
     index = {k: i for i, k in enumerate(keys)}
@@ -507,6 +644,10 @@ def column_label_matrix(table: pd.DataFrame, mapping: dict, keys: list[str], sou
         (distinct == UNMENTIONED) & (unmentioned == "missing"))
     uncovered = [i for k, i in index.items() if k not in set(mapping.values())]
     missing[:, uncovered] = True
+    contradicted = contradicted_normal(values, missing, keys)
+    if NORMAL_KEY in index:
+        rows = np.bincount(codes.ravel(), minlength=len(distinct))
+        report.facts["normal_contradicted_by_a_finding"] = int(rows[contradicted].sum())
     labels = _int8_columns(values, missing, codes.ravel(), keys, table.index)
 
     distinct_native, native_codes = np.unique(native_states, axis=0, return_inverse=True)
@@ -526,6 +667,7 @@ def adapt_freetext(source: dict, keys: list[str], base: Path, report: Report) ->
     require_keys(source, ["annotations", "columns", "vocabulary"], "freetext")
     path = base / source["annotations"]
     report.source = str(path)
+    read_text_file(base / source["vocabulary"], "source.vocabulary")  # unreadable: one line, not a traceback
     vocab = load_vocabulary(base / source["vocabulary"], keys)  # before the table: a config error comes first
     columns = source["columns"]
     for name in ("image_id", "text"):
@@ -536,8 +678,9 @@ def adapt_freetext(source: dict, keys: list[str], base: Path, report: Report) ->
         if not columns.get("file"):
             raise CxrflowError("source.columns.file: required unless source.check_files is false")
         required.append(columns["file"])
-    table = read_table(path, source.get("encoding", "auto"), source.get("sep"), usecols=list(columns.values()))
-    report.line_numbers = True
+    table = read_table(path, source.get("encoding", "auto"), source.get("sep"),
+                       usecols=[c for c in columns.values() if c])
+    report.line_numbers = table.attrs.get("record_lines")
     require_columns(table, required, path)
 
     def column(name):
@@ -545,8 +688,10 @@ def adapt_freetext(source: dict, keys: list[str], base: Path, report: Report) ->
         if mapped is None:
             return _missing(table.index)
         if mapped not in table.columns:
+            optional = ("" if name in ("image_id", "text", "file")
+                        else f"; set source.columns.{name}: null if it has none")
             raise CxrflowError(f"{path}: column {mapped!r} (source.columns.{name}) is not in the table; "
-                               f"it has {table.attrs.get('columns_in_file', list(table.columns))}")
+                               f"it has {table.attrs.get('columns_in_file', list(table.columns))}{optional}")
         return table[mapped]
 
     image_id = _strings(column("image_id"))
@@ -583,11 +728,15 @@ def adapt_dicom(source: dict, keys: list[str], base: Path, report: Report) -> pd
     vocab = None
     if source.get("annotations"):
         require_keys(source, ["vocabulary"], "dicom with source.annotations")
+        read_text_file(base / source["vocabulary"], "source.vocabulary")
         vocab = load_vocabulary(base / source["vocabulary"], keys)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
+    entries = list_archive(root)  # links are judged by where they lead; one bad entry costs only its row
+    files = [root / name for name, reason, _ in entries if not reason]
+    if not entries:
         raise CxrflowError(f"source.images: {root} holds no files")
     rows = _read_headers(files, root, report.workers)
+    rows += [[None, Path(name).stem, None, None, None, None, None, name, reason, detail]
+             for name, reason, detail in entries if reason]
     frame = pd.DataFrame(rows, columns=["image_id", "stem", "patient_id", "sex", "age", "view", "study_date", "path",
                                         "_reason", "_detail"])
     if join_on == "file_stem":
@@ -604,7 +753,7 @@ def adapt_dicom(source: dict, keys: list[str], base: Path, report: Report) -> pd
     frame["age"] = pd.array(frame["age"], dtype="Int16")
     frame["study_date"] = normalize_date(frame["study_date"], "%Y%m%d", report)
     frame["view"] = normalize_view(frame["view"])
-    report.facts["files"] = len(files)
+    report.facts["files"] = len(entries)
 
     text = _missing(frame.index)
     if vocab is not None:
@@ -614,14 +763,14 @@ def adapt_dicom(source: dict, keys: list[str], base: Path, report: Report) -> pd
         id_column, text_column = columns.get("image_id", "image_id"), columns.get("text", "text")
         require_columns(table, [id_column, text_column], path)
         notes = pd.DataFrame({"id": _strings(table[id_column]), "text": table[text_column].astype("string")})
-        notes["line"] = (notes.index + 2).astype(str)
+        notes["line"] = record_lines(table, notes.index).to_numpy()
         repeated = notes["id"].duplicated(keep="first") & notes["id"].notna()
-        report.unmatched(notes.loc[repeated, "id"], "duplicate_annotation", "line " + notes.loc[repeated, "line"]
+        report.unmatched(notes.loc[repeated, "id"], "duplicate_annotation", notes.loc[repeated, "line"]
                          + ": an earlier line annotates this image")
         notes = notes[~repeated & notes["id"].notna()]
         orphan = ~notes["id"].isin(frame["image_id"])
         report.unmatched(notes.loc[orphan, "id"], "annotation_without_image",
-                         "line " + notes.loc[orphan, "line"] + f": no DICOM file has this {join_on}")
+                         notes.loc[orphan, "line"] + f": no DICOM file has this {join_on}")
         text = frame["image_id"].map(notes.set_index("id")["text"]).astype("string")
         report.facts["images_without_annotation"] = int(text.isna().sum())
     frame["text"] = text
@@ -664,15 +813,15 @@ def adapt_nih(source: dict, keys: list[str], base: Path, report: Report) -> pd.D
     require_keys(source, ["annotations"], "nih")
     path = base / source["annotations"]
     report.source = str(path)
-    mapping = load_mapping(source, base, keys)
+    label_map = load_label_map(source, base, keys)
     table = read_table(path, usecols=["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
                                       "Patient Sex", "View Position"])
-    report.line_numbers = True
+    report.line_numbers = table.attrs.get("record_lines")
     if "Patient Gender" not in table.columns and "Patient Sex" in table.columns:
         table = table.rename(columns={"Patient Sex": "Patient Gender"})  # the column's name in some releases
     require_columns(table, ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
                             "View Position"], path)
-    labels, _ = native_label_matrix(table["Finding Labels"], parse_nih_labels, mapping, keys)
+    labels, _, tagged = native_label_matrix(table["Finding Labels"], parse_nih_labels, label_map, keys, report)
     image_id = _strings(table["Image Index"])
     frame = pd.DataFrame({
         "image_id": image_id,
@@ -683,12 +832,18 @@ def adapt_nih(source: dict, keys: list[str], base: Path, report: Report) -> pd.D
         "study_date": pd.Series(pd.NaT, index=table.index, dtype="datetime64[s]"),  # NIH publishes no dates
         "path": image_id,
         "text": table["Finding Labels"].astype("string"),
+        "quality_tag": _flag(tagged),
     })
     return pd.concat([frame, labels], axis=1)
 
 
 def parse_nih_labels(value: str) -> list[str]:
-    return [] if value == "No Finding" else [label.strip() for label in value.split("|")]
+    """"Cardiomegaly|Effusion" -> its labels; "No Finding" is a label too (the map sends it to `normal`)."""
+    return [label.strip() for label in value.split("|") if label.strip()]
+
+
+def _flag(mask: pd.Series) -> pd.Series:
+    return pd.Series(mask.to_numpy(dtype=np.int8), index=mask.index, dtype="Int8")
 
 
 def adapt_chexpert(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
@@ -697,11 +852,12 @@ def adapt_chexpert(source: dict, keys: list[str], base: Path, report: Report) ->
     require_keys(source, ["annotations"], "chexpert")
     path = base / source["annotations"]
     report.source = str(path)
-    mapping = load_mapping(source, base, keys)
-    table = read_table(path, usecols=["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *mapping])
-    report.line_numbers = True
+    label_map = load_label_map(source, base, keys)
+    metadata = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
+    table = read_table(path, usecols=[*metadata, *label_map.labels])
+    report.line_numbers = table.attrs.get("record_lines")
     require_columns(table, ["Path", "Sex", "Age", "Frontal/Lateral"], path)
-    labels, text = column_label_matrix(table, mapping, keys, source, path, report)
+    labels, text = column_label_matrix(table, label_map, keys, source, path, report, metadata)
     image_path = _strings(table["Path"])
     lateral = table["Frontal/Lateral"].str.strip().str.lower().eq("lateral").fillna(False)
     frontal_view = normalize_view(table["AP/PA"], report) if "AP/PA" in table.columns else _missing(table.index)
@@ -723,12 +879,12 @@ def adapt_padchest(source: dict, keys: list[str], base: Path, report: Report) ->
     require_keys(source, ["annotations"], "padchest")
     path = base / source["annotations"]
     report.source = str(path)
-    mapping = load_mapping(source, base, keys)
+    label_map = load_label_map(source, base, keys)
     table = read_table(path, usecols=["ImageID", "ImageDir", "StudyDate_DICOM", "PatientID", "PatientBirth",
                                       "PatientSex_DICOM", "Projection", "Labels", "Report"])
-    report.line_numbers = True
+    report.line_numbers = table.attrs.get("record_lines")
     require_columns(table, ["ImageID", "PatientID", "PatientSex_DICOM", "Projection", "Labels"], path)
-    labels, unparseable = native_label_matrix(table["Labels"], parse_padchest_labels, mapping, keys)
+    labels, unparseable, tagged = native_label_matrix(table["Labels"], parse_padchest_labels, label_map, keys, report)
     study_date = (normalize_date(table["StudyDate_DICOM"], "%Y%m%d", report) if "StudyDate_DICOM" in table.columns
                   else pd.Series(pd.NaT, index=table.index, dtype="datetime64[s]"))
     birth = pd.to_numeric(table["PatientBirth"], errors="coerce") if "PatientBirth" in table.columns else np.nan
@@ -743,6 +899,7 @@ def adapt_padchest(source: dict, keys: list[str], base: Path, report: Report) ->
         "study_date": study_date,
         "path": (image_dir + image_id).astype("string"),
         "text": table["Report"].astype("string") if "Report" in table.columns else _missing(table.index),
+        "quality_tag": _flag(tagged),
     })
     frame["_reason"] = pd.Series(pd.NA, index=frame.index, dtype="string").mask(unparseable | table["Labels"].isna(),
                                                                                 "unparseable_labels")
@@ -771,39 +928,51 @@ def parse_padchest_labels(value):
 
 
 def adapt_vindr(source: dict, keys: list[str], base: Path, report: Report) -> pd.DataFrame:
-    """VinDr-CXR box annotations (`image_id`, `rad_id`, `class_name`, one row per radiologist per box), combined
-    per image by source.combine: "any" radiologist, or a "majority" of those who read the image."""
+    """VinDr-CXR: the box annotations (source.annotations: `image_id`, `rad_id`, `class_name`; one row per
+    radiologist per box, or one "No finding" row: the Kaggle VinBigData table or PhysioNet's
+    annotations_train.csv) and, when given, PhysioNet's image-level labels (source.labels:
+    image_labels_train.csv, one row per image and radiologist, one 0/1 column per label, the global labels COPD,
+    Lung tumor, Pneumonia, Tuberculosis and Other diseases included). Each radiologist's labels from both tables
+    are one vote per key; source.combine turns an image's votes into its label: "any" radiologist, or a
+    "majority" of those who read it. `normal` ("No finding") is 1 only when no finding won.
+
+    A key is labelled only where the tables hold a class that maps to it: a class the box table never names,
+    and that the image-level table has no column for, leaves its key missing for every image (the Kaggle table
+    has no Emphysema, Rib fracture, Edema, Clavicle fracture or global labels)."""
     require_keys(source, ["annotations"], "vindr")
     path = base / source["annotations"]
     report.source = str(path)
-    mapping = load_mapping(source, base, keys)
+    label_map = load_label_map(source, base, keys)
+    _no_quality_tags(label_map, "vindr")
     combine = source.get("combine", "majority")
     if combine not in ("any", "majority"):
         raise CxrflowError(f"source.combine: {combine!r} is not one of ['any', 'majority']")
     table = read_table(path, source.get("encoding", "auto"), source.get("sep"))
     require_columns(table, ["image_id", "class_name"], path)
-    image_id = _strings(table["image_id"])
-    no_id = image_id.isna()
-    report.unmatched("<line " + pd.Series(table.index[no_id.to_numpy()] + 2).astype(str) + ">", "no_image_id",
-                     "an annotation row without image_id")
-    table, image_id = table[~no_id], image_id[~no_id]
-    reader = _strings(table["rad_id"]).fillna("consensus") if "rad_id" in table.columns else pd.Series(
-        "consensus", index=table.index, dtype="string")
-    class_name = _strings(table["class_name"])
-    report.facts["annotation_rows"] = int(len(table) + no_id.sum())
+    image_id, reader = _vindr_ids(table, path, report)
+    class_name = _strings(table["class_name"])[image_id.notna()]
+    report.facts["annotation_rows"] = len(table)
+    rows = pd.DataFrame({"image": image_id.dropna(), "reader": reader[image_id.notna()], "class": class_name})
+    classes_held = set(class_name.dropna())
+    if source.get("labels"):
+        image_level, held = _vindr_image_labels(base / source["labels"], source, report)
+        rows = pd.concat([rows, image_level], ignore_index=True)
+        classes_held |= held
 
-    image_codes, images = pd.factorize(image_id)
-    reader_codes, _ = pd.factorize(reader)
+    image_codes, images = pd.factorize(rows["image"])
+    reader_codes, _ = pd.factorize(rows["reader"])
     pairs = np.unique(np.stack([image_codes, reader_codes], axis=1), axis=0)
     n_readers = np.bincount(pairs[:, 0], minlength=len(images))
     key_index = {k: i for i, k in enumerate(keys)}
-    class_codes, classes = pd.factorize(class_name, use_na_sentinel=True)
+    mapping = label_map.labels
+    unaccounted = label_map.unaccounted(classes_held)
+    if unaccounted:  # an unknown class is a finding all the same: it must never make an image look normal
+        counts = rows["class"][rows["class"].isin(unaccounted)].value_counts()
+        report.facts["labels_not_in_label_map"] = {str(k): int(v) for k, v in counts.items()}
+        mapping = mapping | dict.fromkeys(unaccounted, OTHER_KEY) if OTHER_KEY in key_index else mapping
+    class_codes, classes = pd.factorize(rows["class"], use_na_sentinel=True)
     class_key = np.array([key_index[mapping[c]] if c in mapping else -1 for c in classes] + [-1], dtype=np.int64)
     row_key = class_key[class_codes]
-    ignored = pd.Series(classes)[(class_key[:-1] < 0) & (pd.Series(classes).str.lower() != "no finding").to_numpy()]
-    if len(ignored):
-        counts = class_name[class_name.isin(ignored)].value_counts()
-        report.facts["classes_not_in_label_map"] = {str(k): int(v) for k, v in counts.items()}
     # One vote per (image, radiologist, key), however many boxes the radiologist drew.
     votes = np.unique(np.stack([image_codes, reader_codes, row_key], axis=1)[row_key >= 0], axis=0)
     counts = np.zeros((len(images), len(keys)), dtype=np.int32)
@@ -811,16 +980,18 @@ def adapt_vindr(source: dict, keys: list[str], base: Path, report: Report) -> pd
     positive = counts >= 1 if combine == "any" else 2 * counts > n_readers[:, None]
     values = positive.astype(np.int8)
     missing = np.ones_like(values, dtype=bool)
-    missing[:, sorted({key_index[k] for k in mapping.values()})] = False
+    missing[:, sorted({key_index[mapping[c]] for c in classes_held if c in mapping})] = False
+    report.facts["normal_contradicted_by_a_finding"] = int(contradicted_normal(values, missing, keys).sum())
     labels = _int8_columns(values, missing, np.arange(len(images)), keys, pd.RangeIndex(len(images)))
 
-    named = pd.DataFrame({"image": image_codes, "class": class_name.to_numpy()}).dropna().drop_duplicates()
+    named = pd.DataFrame({"image": image_codes, "class": rows["class"].to_numpy()}).dropna().drop_duplicates()
     text = named.sort_values("class").groupby("image")["class"].agg("|".join)
     images = pd.Series(images, dtype="string")
     frame = pd.DataFrame({
         # VinDr-CXR publishes no patient ids: each image counts as its own patient.
         "image_id": images,
         "patient_id": images,
+        # Neither table holds sex, age or view: missing unless the DICOM headers are read (check_files).
         "sex": _missing(images.index),
         "age": pd.array([pd.NA] * len(images), dtype="Int16"),
         "view": _missing(images.index),
@@ -834,14 +1005,49 @@ def adapt_vindr(source: dict, keys: list[str], base: Path, report: Report) -> pd
     return pd.concat([frame, labels], axis=1)
 
 
+def _vindr_ids(table: pd.DataFrame, path: Path, report: Report) -> tuple[pd.Series, pd.Series]:
+    """Image ids (rows without one go to the ledger) and reader ids (`rad_id` or `rad_ID`; absent: one reader)."""
+    image_id = _strings(table["image_id"])
+    no_id = image_id.isna()
+    report.unmatched("<" + record_lines(table, table.index[no_id.to_numpy()]) + ">", "no_image_id",
+                     f"a row of {path.name} without image_id")
+    rad = next((c for c in table.columns if c.lower() == "rad_id"), None)
+    reader = (_strings(table[rad]).fillna("consensus") if rad else
+              pd.Series("consensus", index=table.index, dtype="string"))
+    return image_id, reader
+
+
+def _vindr_image_labels(path: Path, source: dict, report: Report) -> tuple[pd.DataFrame, set]:
+    """PhysioNet's image_labels_train.csv as (image, reader, class) rows, one per label a reader marked 1, and
+    the classes the table has columns for."""
+    wide = read_table(path, source.get("encoding", "auto"), source.get("sep"))
+    require_columns(wide, ["image_id"], path)
+    image_id, reader = _vindr_ids(wide, path, report)
+    known = image_id.notna()
+    label_columns = [c for c in wide.columns if c != "image_id" and c.lower() != "rad_id"]
+    parts = [pd.DataFrame({"image": image_id[known], "reader": reader[known],
+                           "class": pd.Series(pd.NA, index=wide.index, dtype="string")[known]})]  # who read what
+    for name in label_columns:
+        def states(uniques, name=name):
+            mapped = uniques.astype("string").str.strip().map({"1": 1, "1.0": 1, "0": 0, "0.0": 0}).astype("Int8")
+            return _unrecognized(uniques, mapped, report, f"label {name!r} in {path.name}")
+
+        marked = per_distinct(wide[name], states).eq(1).fillna(False).to_numpy(dtype=bool) & known.to_numpy()
+        parts.append(pd.DataFrame({"image": image_id[marked], "reader": reader[marked],
+                                   "class": pd.Series(name, index=wide.index, dtype="string")[marked]}))
+    report.facts["image_label_rows"] = len(wide)
+    return pd.concat(parts, ignore_index=True), set(label_columns)
+
+
 def _demographics_from_headers(frame: pd.DataFrame, root: Path, report: Report) -> None:
     """Fill sex, age, view and date from the DICOM headers of the files that exist (tags only)."""
     from cxrflow.decode import DecodeError, read_dicom_header
 
     found = {"sex": [], "age": [], "view": [], "study_date": []}
-    for relative in frame["path"]:
+    usable = check_paths(frame["path"], root)  # nothing outside source.images is opened, not even its header
+    for path, ok in zip(usable.path, usable.ok):
         try:
-            meta = read_dicom_header(root / relative)
+            meta = read_dicom_header(path) if ok else {}
         except DecodeError:
             meta = {}  # a missing or broken file is the missing-file check's and the decoder's business
         for name in found:
@@ -861,11 +1067,12 @@ def adapt_mimic(source: dict, keys: list[str], base: Path, report: Report) -> pd
     require_keys(source, ["annotations", "labels"], "mimic")
     path, labels_path = base / source["annotations"], base / source["labels"]
     report.source = str(path)
-    mapping = load_mapping(source, base, keys)
+    label_map = load_label_map(source, base, keys)
     table = read_table(path, usecols=["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"])
-    report.line_numbers = True
+    report.line_numbers = table.attrs.get("record_lines")
     require_columns(table, ["dicom_id", "subject_id", "study_id", "ViewPosition"], path)
-    studies = read_table(labels_path, usecols=["subject_id", "study_id", *mapping])
+    studies = read_table(labels_path, usecols=["subject_id", "study_id", *label_map.labels])
+    columns_in_labels = studies.attrs["columns_in_file"]  # for the labels the map does not account for
     require_columns(studies, ["subject_id", "study_id"], labels_path)
     study_key = ["subject_id", "study_id"]
     for frame_ in (table, studies):
@@ -873,7 +1080,7 @@ def adapt_mimic(source: dict, keys: list[str], base: Path, report: Report) -> pd
             frame_[name] = _strings(frame_[name])
     repeated = studies.duplicated(study_key, keep="first")
     report.unmatched("s" + studies.loc[repeated, "study_id"], "duplicate_label_row",
-                     "line " + pd.Series(studies.index[repeated] + 2).astype(str) + f" of {labels_path.name}")
+                     record_lines(studies, studies.index[repeated]) + f" of {labels_path.name}")
     studies = studies[~repeated]
     imaged = pd.MultiIndex.from_frame(table[study_key])
     labelled = pd.MultiIndex.from_frame(studies[study_key])
@@ -882,8 +1089,10 @@ def adapt_mimic(source: dict, keys: list[str], base: Path, report: Report) -> pd
                      f"a row of {labels_path.name} whose study has no image in {path.name}")
     # Each image takes its study's row: a positional join through the study index.
     position = labelled.get_indexer(imaged)
-    study_labels, study_text = column_label_matrix(studies.reset_index(drop=True), mapping, keys, source, labels_path,
-                                                   report)
+    studies = studies.reset_index(drop=True)
+    studies.attrs["columns_in_file"] = columns_in_labels
+    study_labels, study_text = column_label_matrix(studies, label_map, keys, source, labels_path, report,
+                                                   study_key)
     unlabelled = position < 0
     take = np.where(unlabelled, 0, position)
     labels = study_labels.iloc[take].reset_index(drop=True).set_axis(table.index)
@@ -937,26 +1146,6 @@ ADAPTERS = {
 
 # --- the shared part -------------------------------------------------------------------------------------------
 
-def existing_files(paths: pd.Series) -> np.ndarray:
-    """Whether each path is a file, from one directory listing per folder rather than one stat per file."""
-    exists = np.zeros(len(paths), dtype=bool)
-    by_folder = defaultdict(list)
-    for position, value in enumerate(paths.to_numpy(dtype=object, na_value=None)):
-        if value:
-            folder, _, name = value.rpartition("/")
-            by_folder[folder].append((position, name))
-    for folder, entries in by_folder.items():
-        try:
-            with os.scandir(folder or ".") as listing:
-                # is_file() answers from the directory entry, without a stat, except for symbolic links.
-                names = {entry.name for entry in listing if entry.is_file()}
-        except OSError:
-            continue
-        for position, name in entries:
-            exists[position] = name in names
-    return exists
-
-
 def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", privacy: dict | None = None,
                   workers: int = 1) -> Ingested:
     """Run the configured adapter, then apply the rules every source shares, counting every row left out."""
@@ -971,6 +1160,8 @@ def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", p
     n_read = len(frame)
     if n_read == 0:
         raise CxrflowError(f"{report.source}: the source holds no images")
+    if "quality_tag" not in frame.columns:
+        frame["quality_tag"] = pd.Series(0, index=frame.index, dtype="Int8")
 
     # Each rule marks rows; the frame is cut once at the end (cutting 40 columns of 2M rows costs seconds).
     keep = np.ones(n_read, dtype=bool)
@@ -985,8 +1176,9 @@ def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", p
             keep[positions] = False
 
     def row_label(positions):
-        number = pd.Series(positions + (2 if report.line_numbers else 1)).astype(str)
-        return ("line " if report.line_numbers else "record ") + number
+        if report.line_numbers is not None:
+            return "line " + pd.Series(report.line_numbers.of(positions), dtype="int64").astype(str)
+        return "record " + pd.Series(positions + 1).astype(str)
 
     if "_reason" in frame.columns:
         reason = frame.pop("_reason")
@@ -1002,14 +1194,12 @@ def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", p
     leave_out(frame["patient_id"].isna().to_numpy(), "no_patient_id")
 
     if source.get("check_files", True):
-        if not source.get("images"):
-            raise CxrflowError("source.images: the image folder is required unless source.check_files is false")
-        root = (base / source["images"]).as_posix().rstrip("/") + "/"
-        relative = frame["path"].astype("string")
-        absolute = relative.where(relative.str.startswith("/").fillna(False), root + relative)
-        frame["path"] = absolute
-        exists = existing_files(absolute.where(pd.Series(keep)))
-        leave_out(~exists, "missing_file", absolute.fillna("no file named in the table"))
+        root = image_folder(source, base)
+        checked = check_paths(frame["path"].where(pd.Series(keep)), root)  # nothing is opened
+        frame["path"] = checked.path
+        found_fraction_check(checked, keep & frame["path"].notna().to_numpy(), root,
+                             source.get("min_found_fraction", MIN_FOUND_FRACTION))
+        leave_out(~checked.ok, pd.Series(checked.reason), pd.Series(checked.detail))
 
     flagged = []
     patient_codes, patients = pd.factorize(frame["patient_id"], use_na_sentinel=True)
@@ -1046,7 +1236,8 @@ def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", p
     frame["patient_id"] = pd.Series(hashed.take(kept_codes), index=frame.index)
     catalog = frame.astype(
         {"image_id": "string", "patient_id": "string", "sex": "string", "age": "Int16", "view": "string",
-         "study_date": "datetime64[s]", "path": "string", "text": "string"} | dict.fromkeys(keys, "Int8"))
+         "study_date": "datetime64[s]", "path": "string", "text": "string", "quality_tag": "Int8"}
+        | dict.fromkeys(keys, "Int8"))
     parts = [p for p in ledger_parts + flagged + report.ledger if len(p)]
     ledger = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=LEDGER_COLUMNS, dtype="string")
 
@@ -1067,16 +1258,20 @@ def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", p
         "patients": int(np.count_nonzero(np.bincount(kept_codes[kept_codes >= 0], minlength=1))),
         "unrecognized_values": report.unrecognized,
         **report.facts,
+        "quality_tagged": int(catalog["quality_tag"].eq(1).sum()),
         "positives_by_key": {k: int(catalog[k].eq(1).sum()) for k in keys},
     }
     if summary["kept"] + summary["left_out"] != n_read:
         raise AssertionError(f"ingest counts do not add up: {summary}")
     if summary["kept"] == 0:
+        # Row numbers only: ids and paths may name patients, and this message goes to a shareable log.
         examples = ledger.drop_duplicates("reason").head(5)
+        where = [str(r.detail).split(":")[0] if str(r.detail).startswith(("line ", "record ")) else "?"
+                 for r in examples.itertuples()]
         raise CxrflowError(
             f"{report.source}: no image survived ingest ({n_read} read; left out by reason: "
-            f"{summary['left_out_by_reason']}); e.g. "
-            + "; ".join(f"{r.item}: {r.reason} ({r.detail})" for r in examples.itertuples()))
+            f"{summary['left_out_by_reason']}); first of each: "
+            + "; ".join(f"{r.reason} at {w}" for r, w in zip(examples.itertuples(), where)))
     return Ingested(catalog, ledger, summary)
 
 
