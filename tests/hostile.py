@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,14 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 
 def chest(size=(96, 80), seed=0) -> np.ndarray:
-    """A plausible grey image in [0, 1] that passes QC."""
+    """A plausible grey image in [0, 1] that passes QC: a bright central band with two darker lung fields beside
+    it, as a frontal film has (QC's `inverted` rule looks for exactly that; inverted, it fails)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0 : size[0], 0 : size[1]]
     image = 0.5 + 0.3 * np.sin(x / size[1] * np.pi) * np.cos(y / size[0] * 2) + rng.normal(0, 0.03, size)
+    rows, cols = y / size[0], x / size[1]
+    for centre in (0.28, 0.72):
+        image -= 0.25 * np.exp(-(((cols - centre) / 0.12) ** 2 + ((rows - 0.5) / 0.25) ** 2))
     return np.clip(image, 0, 1)
 
 
@@ -113,4 +118,37 @@ def write_corpus(folder: Path) -> dict[str, tuple[str, str]]:
     add("rgba.png", "ok")
     png(folder / "dark.png", (good * 12).astype(np.uint8))
     add("dark.png", "qc", "too_dark")
+
+    # Not a radiograph: pixel noise decodes, and its median and range look normal.
+    png(folder / "noise.png", np.random.default_rng(2).integers(0, 256, (400, 400), dtype=np.uint8))
+    add("noise.png", "qc", "not_radiograph")
+    # 12-bit detector data exported as 16-bit PNG: scaled by 0..4095, not rejected as too dark.
+    png(folder / "twelve_in_sixteen.png", g12)
+    add("twelve_in_sixteen.png", "ok")
+    # Stored values beyond BitsStored: the decoder masks them to 12 bits, which scrambles the image.
+    dicom(folder / "bits_over.dcm", (good * 65535).astype(np.uint16), BitsStored=12)
+    add("bits_over.dcm", "qc", "bits_stored_exceeded")
+    # Negative films: an inverted PNG and JPEG, and MONOCHROME1 data tagged MONOCHROME2.
+    png(folder / "inverted.png", ((1 - good) * 255).astype(np.uint8))
+    add("inverted.png", "qc", "inverted")
+    Image.fromarray(((1 - good) * 255).astype(np.uint8)).save(folder / "inverted_jpeg.jpg", quality=90)
+    add("inverted_jpeg.jpg", "qc", "inverted")
+    dicom(folder / "mono1_as_mono2.dcm", (4095 - g12).astype(np.uint16), BitsStored=12)
+    add("mono1_as_mono2.dcm", "qc", "inverted")
+    # Duplicates under other ids: a byte copy of whole.png, and a 2x upscaled JPEG re-encode of it (10 bits from
+    # whole.png's perceptual hash; a half-size copy of this synthetic image is 28 away, as its pixel noise is
+    # much of its content, where real radiographs' half-size copies stay within 12).
+    (folder / "copy_of_whole.png").write_bytes(data)
+    add("copy_of_whole.png", "ok")
+    Image.fromarray((good * 255).astype(np.uint8)).resize((160, 192), Image.Resampling.BICUBIC).save(
+        folder / "whole_big.jpg", quality=85)
+    add("whole_big.jpg", "ok")
+    # A FIFO: reading it would block the run forever. Left out unread (by ingest's listing or by the decoder).
+    os.mkfifo(folder / "pipe.png")
+    add("pipe.png", "unreadable", "not_a_file")
     return expected
+
+
+# The duplicate groups the corpus plants (file stems): exact copies by bytes or by decoded pixels, and a near one.
+PLANTED_DUPLICATES = {"whole": "exact", "copy_of_whole": "exact", "rgba": "exact", "rgb": "exact",
+                      "whole_big": "near"}

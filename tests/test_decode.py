@@ -362,6 +362,29 @@ def test_bits_stored_masks_garbage_high_bits(tmp_path):
     decoded = decode_image(path)
 
     np.testing.assert_array_equal(decoded.pixels, true_values)
+    # ...and the file is flagged: every stored value exceeds BitsStored (QC: bits_stored_exceeded).
+    assert decoded.meta["bits_overflow"] == 1.0 and "exceed BitsStored 12" in " ".join(decoded.meta["notes"])
+
+
+def test_values_within_bits_stored_are_not_flagged(tmp_path):
+    path = tmp_path / "clean12.dcm"
+    write_dicom(path, RNG.integers(0, 4096, (16, 16), dtype=np.uint16), bits_stored=12)
+    assert decode_image(path).meta["bits_overflow"] == 0.0
+    few = RNG.integers(0, 4096, (16, 16), dtype=np.uint16)
+    few[0, :4] = 5000  # four values of 256 beyond 12 bits
+    write_dicom(path, few, bits_stored=12)
+    assert decode_image(path).meta["bits_overflow"] == pytest.approx(4 / 256)
+
+
+@pytest.mark.parametrize("top, bits", [(1000, 10), (4095, 12), (3000, 12), (16000, 14), (40000, 16)])
+def test_sixteen_bit_png_is_scaled_by_the_bits_it_uses(tmp_path, top, bits):
+    """12-bit detector data saved as 16-bit PNG is scaled by 0..4095, not 0..65535 (where it looks black)."""
+    arr = np.linspace(0, top, 32 * 32).reshape(32, 32).astype(np.uint16)
+    path = tmp_path / "export.png"
+    Image.fromarray(arr).save(path)
+    decoded = decode_image(path)
+    assert decoded.meta["bits"] == bits and decoded.meta["value_range"] == (0.0, float(2**bits - 1))
+    np.testing.assert_array_equal(decoded.pixels, arr)
 
 
 def test_signed_16_bit_pixels_keep_their_sign(tmp_path):
@@ -616,7 +639,38 @@ def test_mutated_files_give_an_image_or_a_decode_error(tmp_path):
 
 def test_missing_file_and_directory(tmp_path):
     assert _reason(tmp_path / "absent.dcm") == "missing_file"
-    assert _reason(tmp_path) == "unreadable"
+    assert _reason(tmp_path) == "not_a_file"
+
+
+def test_entries_that_are_not_regular_files_are_never_read(tmp_path):
+    """A FIFO would block a reader forever: it is refused without reading. So are devices, link loops and
+    links to directories; each with its own reason. (Run with a timeout by the caller: a hang is the failure.)"""
+    import os
+    import threading
+
+    os.mkfifo(tmp_path / "pipe")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    os.symlink("/dev/null", tmp_path / "device_link")
+    os.symlink(tmp_path, tmp_path / "dir_link")
+    os.symlink(tmp_path / "absent", tmp_path / "dangling")
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        {name: _error(tmp_path / name) for name in ["pipe", "loop", "device_link", "dir_link", "dangling"]}), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "decoding a FIFO blocked"
+    assert {k: (e.reason, e.detail) for k, e in outcome.items() if k != "loop" and k != "dangling"} == {
+        "pipe": ("not_a_file", "fifo"), "device_link": ("not_a_file", "character_device"),
+        "dir_link": ("not_a_file", "directory")}
+    assert outcome["loop"].reason == "symlink_loop" and outcome["dangling"].reason == "missing_file"
+
+
+def _error(path):
+    try:
+        decode_image(path)
+    except DecodeError as err:
+        return err
+    raise AssertionError(f"{path} decoded")
 
 
 def test_decode_error_names_file_and_survives_pickling(tmp_path):

@@ -2,6 +2,7 @@
 or stops the run with a one-line error naming the file, row or key, without a Python traceback."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from hostile import write_corpus
+from hostile import PLANTED_DUPLICATES, write_corpus
 from conftest import copy_repo
 
 from conftest import SNAKEMAKE
@@ -43,8 +44,10 @@ def make_workdir(tmp_path: Path, table_bytes: bytes, overlay: dict | None = None
 
 def snakemake(workdir, *targets, configfile="hostile.yaml"):
     # Targets first: --configfile takes several values and would swallow them.
+    # The key is passed explicitly: module-scoped runs start before the autouse fixture that sets it.
+    env = {**os.environ, "CXRFLOW_PSEUDONYM_KEY": os.environ.get("CXRFLOW_PSEUDONYM_KEY", "test-key")}
     return subprocess.run([SNAKEMAKE, *targets, "--cores", "2", "--configfile", configfile], cwd=workdir,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
 
 
 def table(rows, encoding="utf-8", bom=False, header=COLUMNS) -> bytes:
@@ -52,21 +55,61 @@ def table(rows, encoding="utf-8", bom=False, header=COLUMNS) -> bytes:
     return b"\xef\xbb\xbf" + data if bom else data
 
 
+def assert_accounting(workdir: Path, input_rows: int, left_out=None) -> None:
+    """After every run: each input row is a catalog row or a ledger row (of the reasons that leave a row out, when
+    the ledger also holds flags), and every catalog image has a QC verdict (pass, or a reason)."""
+    catalog = pd.read_parquet(workdir / "results/catalog.parquet", columns=["image_id"])
+    ledger = pd.read_csv(workdir / "results/ingest/ledger.csv", dtype=str)
+    ledgered = int(ledger["reason"].isin(left_out).sum()) if left_out else len(ledger)
+    assert len(catalog) + ledgered == input_rows, (len(catalog), ledgered, input_rows, ledger["reason"].value_counts())
+    quality = pd.read_parquet(workdir / "results/quality/metrics.parquet")
+    assert sorted(quality["image_id"]) == sorted(catalog["image_id"]), "QC covers the catalog exactly"
+    verdict = quality["qc_pass"].fillna(False).astype(bool) | quality["qc_reason"].notna()
+    assert verdict.all() and quality["qc_pass"].notna().all(), quality.loc[~verdict, "image_id"].tolist()
+
+
+def source_ids(workdir: Path) -> dict:
+    """Shareable image id -> the archive's own id (ids are pseudonymized in shareable outputs, when they are)."""
+    private = workdir / "results/private/catalog.parquet"
+    if private.exists():
+        catalog = pd.read_parquet(private)
+        if "source_id" in catalog:
+            return dict(zip(catalog["image_id"], catalog["source_id"]))
+    catalog = pd.read_parquet(workdir / "results/catalog.parquet", columns=["image_id"])
+    return dict(zip(catalog["image_id"], catalog["image_id"]))
+
+
+def ingest_ledger(workdir: Path) -> pd.DataFrame:
+    """The ingest ledger with `item` as the archive's own id (the private ledger's source_item, when there is one)."""
+    private = workdir / "results/private/ingest/ledger.csv"
+    if private.exists():
+        ledger = pd.read_csv(private, dtype=str)
+        if "source_item" in ledger:
+            return ledger.assign(item=ledger["source_item"])
+    return pd.read_csv(workdir / "results/ingest/ledger.csv", dtype=str)
+
+
+def by_source_id(workdir: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(image_id=frame["image_id"].map(source_ids(workdir))).set_index("image_id")
+
+
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
     probe = write_corpus(tmp / "probe")
     workdir, expected = make_workdir(tmp, table(annotation_rows(sorted(probe)), encoding="cp1251"))
-    result = snakemake(workdir, "results/quality/metrics.parquet")
+    result = snakemake(workdir, "results/quality/metrics.parquet", "results/quality/duplicates.parquet")
     assert result.returncode == 0, result.stderr[-5000:]
+    n_rows = len(pd.read_csv(workdir / "resources/archive/notes.csv", encoding="cp1251", dtype=str))
+    assert_accounting(workdir, n_rows)
     return workdir, expected
 
 
 def test_bad_rows_are_ledgered_and_counts_add_up(hostile_run):
     workdir, expected = hostile_run
     annotations = pd.read_csv(workdir / "resources/archive/notes.csv", encoding="cp1251", dtype=str)
-    catalog = pd.read_parquet(workdir / "results/catalog.parquet")
-    ledger = pd.read_csv(workdir / "results/ingest/ledger.csv")
+    catalog = by_source_id(workdir, pd.read_parquet(workdir / "results/catalog.parquet")).reset_index()
+    ledger = ingest_ledger(workdir)
     assert len(catalog) + len(ledger) == len(annotations)
     reasons = ledger.groupby("item")["reason"].apply(set).to_dict()
     assert reasons["dup"] == {"duplicate_image_id"}
@@ -84,9 +127,14 @@ def test_bad_rows_are_ledgered_and_counts_add_up(hostile_run):
 
 def test_every_hostile_image_is_used_or_left_out_with_its_reason(hostile_run):
     workdir, expected = hostile_run
-    quality = pd.read_parquet(workdir / "results/quality/metrics.parquet").set_index("image_id")
+    quality = by_source_id(workdir, pd.read_parquet(workdir / "results/quality/metrics.parquet"))
+    ingest_reasons = ingest_ledger(workdir).set_index("item")["reason"]
     outcomes = []
     for name, (outcome, reason) in sorted(expected.items()):
+        if Path(name).stem not in quality.index:  # left out at ingest already (a FIFO, by the listing)
+            assert outcome == "unreadable" and ingest_reasons.get(Path(name).stem) == reason, (name, outcome)
+            outcomes.append((name, outcome, f"ingest:{ingest_reasons[Path(name).stem]}"))
+            continue
         row = quality.loc[Path(name).stem]
         outcomes.append((name, outcome, row["qc_reason"]))
         if outcome == "ok":
@@ -101,6 +149,26 @@ def test_every_hostile_image_is_used_or_left_out_with_its_reason(hostile_run):
     assert "multi-frame" in notes["multiframe"].lower() or "frame" in notes["multiframe"].lower()
 
 
+def test_planted_duplicates_form_one_group_of_the_right_kinds(hostile_run):
+    workdir, _ = hostile_run
+    duplicates = pd.read_parquet(workdir / "results/quality/duplicates.parquet")
+    assert list(duplicates.columns) == ["image_id", "group", "kind"]
+    duplicates = by_source_id(workdir, duplicates)
+    planted = duplicates.loc[list(PLANTED_DUPLICATES)]
+    assert planted["group"].nunique() == 1, planted
+    assert planted["kind"].to_dict() == PLANTED_DUPLICATES
+    # The corpus draws most files from one picture (at other bit depths, in DICOM, as RGB...): those are the same
+    # image too and join the group. Different pictures must not.
+    group = set(duplicates.index[duplicates["group"] == planted["group"].iloc[0]])
+    for other in ("noise", "elongated", "inverted", "inverted_jpeg", "mono1_as_mono2", "onepixel", "bits_over"):
+        assert other not in group, other
+    assert {"sixteen", "twelve_in_sixteen", "mono1", "multiframe"} <= group, "other depths and formats of whole.png"
+    # "silent" is a second catalog id for sixteen.png: the same file under two ids.
+    assert duplicates.loc["silent", "group"] == duplicates.loc["sixteen", "group"]
+    assert (duplicates.groupby("group").size() > 1).all(), "only images with a duplicate are listed"
+    print("\n" + duplicates.reset_index().to_string(index=False))
+
+
 def test_monochrome1_is_inverted_like_its_monochrome2_twin(hostile_run):
     import numpy as np
 
@@ -111,7 +179,8 @@ def test_monochrome1_is_inverted_like_its_monochrome2_twin(hostile_run):
     index = pd.concat([pd.read_parquet(p) for p in sorted((workdir / "results/preprocess/shards").glob("*.parquet"))])
     shards = {int(p.stem.split("_")[-1]): str(p) for p in (workdir / "results/tensors").glob("shard_*.npy")}
     cache = TensorCache(index[index["status"] == "ok"].set_index("image_id")[["shard", "row"]], shards)
-    mono1, twin = cache.load(["mono1", "multiframe"]).astype(int)
+    ids = {source: shared for shared, source in source_ids(workdir).items()}
+    mono1, twin = cache.load([ids["mono1"], ids["multiframe"]]).astype(int)
     assert np.abs(mono1 - twin).mean() < 3
 
 
@@ -157,8 +226,9 @@ def test_a_dicom_folder_without_a_table_takes_patients_from_the_tags(tmp_path):
     (workdir / "dicom.yaml").write_text(yaml.safe_dump(overlay))
     result = snakemake(workdir, "results/quality/metrics.parquet", configfile="dicom.yaml")
     assert result.returncode == 0, result.stderr[-5000:]
-    catalog = pd.read_parquet(workdir / "results/catalog.parquet")
-    ledger = pd.read_csv(workdir / "results/ingest/ledger.csv")
+    private = workdir / "results/private/catalog.parquet"  # the paths, where shareable tables leave them out
+    catalog = pd.read_parquet(private if private.exists() else workdir / "results/catalog.parquet")
+    ledger = ingest_ledger(workdir)
     assert len(catalog) + int(ledger["reason"].isin(LEFT_OUT_AT_INGEST).sum()) == len(expected)
     by_file = {Path(item).name: reason for item, reason in zip(ledger["item"], ledger["reason"])}
     assert (ledger["reason"] == "no_patient_id").sum() == 1
@@ -167,9 +237,11 @@ def test_a_dicom_folder_without_a_table_takes_patients_from_the_tags(tmp_path):
     assert by_file["whole.png"] == "not_dicom" and by_file["zero.png"] in {"not_dicom", "unreadable", "empty_file"}
     assert (catalog["age"] == 65).all() and (catalog["sex"] == "F").all(), "PatientAge '065Y' and PatientSex read"
     assert "P-HOSTILE" not in set(catalog["patient_id"]), "the patient id is pseudonymized"
+    assert by_file["pipe.png"] == "not_a_file", "a FIFO is left out with its reason, never opened"
     quality = pd.read_parquet(workdir / "results/quality/metrics.parquet").set_index("image_id")
     assert len(quality) == len(catalog)
+    assert_accounting(workdir, len(expected), LEFT_OUT_AT_INGEST)
 
 
 LEFT_OUT_AT_INGEST = {"no_patient_id", "no_pixel_data", "not_dicom", "unreadable", "empty_file", "truncated",
-                      "no_image_id", "duplicate_image_id", "missing_file"}
+                      "no_image_id", "duplicate_image_id", "missing_file", "not_a_file", "symlink_loop"}

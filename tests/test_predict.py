@@ -1,6 +1,7 @@
 """The predict target's API: a folder of new files -> one row per file, probabilities equal to the evaluation path's."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -65,14 +66,40 @@ def new_folder(tiny_pipeline, tmp_path_factory):
     (folder / "cut.png").write_bytes(open(good_png, "rb").read()[:300])
     write_dicom(folder / "lateral.dcm", np.random.default_rng(1).integers(0, 4095, (64, 48)), view="LL")
     (folder / ".DS_Store").write_bytes(b"\0\1junk")
+    # Entries that are not regular files: each gets a row with its reason; the FIFO is never opened (it blocks).
+    os.mkfifo(folder / "pipe.dcm")
+    os.symlink("loop.dcm", folder / "loop.dcm")
+    os.symlink("/dev/null", folder / "device_link.dcm")
+    os.symlink(folder / "sub", folder / "dir_link")
+    os.symlink(folder / "absent.dcm", folder / "dangling.dcm")
+    first = next(iter(copied))
+    os.symlink(folder / first, folder / "link_to_good.img")
+    copied["link_to_good.img"] = copied[first]
     return {"folder": folder, "copied": copied}
+
+
+SPECIAL_ENTRIES = {"pipe.dcm": "unreadable:not_a_file", "loop.dcm": "unreadable:symlink_loop",
+                   "device_link.dcm": "unreadable:not_a_file", "dir_link": "unreadable:not_a_file",
+                   "dangling.dcm": "unreadable:missing_file"}
+
+
+def test_fifos_links_and_devices_each_get_a_row_with_their_reason(new_folder):
+    from cxrflow.predict import list_files
+
+    entries = {p.relative_to(new_folder["folder"]).as_posix() for p in list_files(new_folder["folder"])}
+    assert set(SPECIAL_ENTRIES) <= entries and ".DS_Store" not in entries
+    assert not any(e.startswith("dir_link/") for e in entries), "a symlinked directory is not walked (loops)"
 
 
 def test_every_file_gets_a_row_and_good_files_score_as_in_evaluation(trained, new_folder, tiny_pipeline):
     table = predict_folder(new_folder["folder"], {"enlarged_heart": (trained["model"], trained["metadata"])},
                            {"blank_std": 0.02}, {"enlarged_heart": 0.5})
-    assert sorted(table["file"]) == sorted([*new_folder["copied"], "empty.dcm", "noise.png", "cut.png", "lateral.dcm"])
+    assert sorted(table["file"]) == sorted([*new_folder["copied"], "empty.dcm", "noise.png", "cut.png", "lateral.dcm",
+                                            *SPECIAL_ENTRIES])
     status = table.set_index("file")["status"]
+    assert status[list(SPECIAL_ENTRIES)].to_dict() == SPECIAL_ENTRIES
+    assert table.set_index("file").loc[list(SPECIAL_ENTRIES), "detail"].tolist()[:3] == [
+        "fifo", "Too many levels of symbolic links", "character_device"]
     assert status["empty.dcm"] == "unreadable:empty_file"
     assert status["noise.png"].startswith("unreadable:") and status["cut.png"].startswith("unreadable:")
     assert status["lateral.dcm"] == "lateral_view"
@@ -97,7 +124,7 @@ def test_run_predict_writes_the_table_with_thresholds_from_the_metrics(trained, 
     table = pd.read_csv(out)
     assert list(table.columns[:5]) == ["file", "status", "detail", "qc_pass", "qc_reason"]
     assert {"prob_enlarged_heart", "call_enlarged_heart"} <= set(table.columns)
-    assert len(table) == len(new_folder["copied"]) + 4
+    assert len(table) == len(new_folder["copied"]) + 4 + len(SPECIAL_ENTRIES)
 
 
 def test_a_missing_or_empty_folder_is_a_clear_error(trained, tmp_path):

@@ -147,3 +147,65 @@ def test_robust_mode_on_real_nih_images(shared_data):
     assert "outlier_line_score" in out.loc["lines", "qc_reasons"]
     assert "outlier_clipped_white" in out.loc["washed_out", "qc_reasons"]
     assert "outlier_dynamic_range" in out.loc["flat", "qc_reasons"]
+
+
+NEW_RULES = {"min_autocorrelation": 0.5, "min_polarity": 0.0, "max_bits_overflow": 0.0}
+
+
+def test_an_8000_pixel_noise_image_is_not_a_radiograph(tmp_path):
+    """Random pixels decode fine and have a radiograph-like median and range; only their lack of spatial
+    structure gives them away."""
+    from PIL import Image
+
+    from cxrflow.tensors import process_image
+
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8000, 8000), dtype=np.uint8)).save(path, compress_level=0)
+    record, _ = process_image(str(path), 64, {})
+    row = apply_rules(pd.DataFrame([{"image_id": "noise", **record}]), {**DEFAULTS, **NEW_RULES}).iloc[0]
+    assert abs(record["autocorrelation"]) < 0.05, record["autocorrelation"]
+    assert not row["qc_pass"] and row["qc_reason"] == "not_radiograph", row["qc_reasons"]
+
+
+def test_twelve_bit_data_in_a_sixteen_bit_png_is_not_too_dark(tmp_path):
+    from PIL import Image
+
+    from cxrflow.tensors import process_image
+
+    path = tmp_path / "export12.png"
+    Image.fromarray((chest_like(np.random.default_rng(2)) * 4095).astype(np.uint16)).save(path)
+    record, _ = process_image(str(path), 64, {})
+    row = apply_rules(pd.DataFrame([{"image_id": "x", **record}]), {**DEFAULTS, **NEW_RULES}).iloc[0]
+    assert row["qc_pass"], row["qc_reasons"]
+    assert 0.3 < record["p50"] < 0.8 and "uses 12 bits" in record["detail"]
+
+
+def test_real_radiographs_pass_and_their_negatives_are_flagged_inverted(shared_data):
+    """All 1,000 NIH1000 images: none is noise, none looks inverted; every inverted copy (a negative film, a
+    MONOCHROME1 image tagged MONOCHROME2) fails as `inverted`. Prints the detection and false-positive rates."""
+    labels = pd.read_csv(shared_data / "nih1000" / "labels.csv")
+    units = [to_unit_range(d.pixels, d.meta["value_range"])
+             for d in (decode_image(shared_data / p) for p in labels["image_path"])]
+    rows = [{"image_id": f"{kind}{i}", "status": "ok", "bits_overflow": 0.0, **image_metrics(u if kind == "real" else 1 - u)}
+            for i, u in enumerate(units) for kind in ("real", "inverted")]
+    out = apply_rules(pd.DataFrame(rows), {**DEFAULTS, **NEW_RULES})
+    real, inverted = out[out["image_id"].str.startswith("real")], out[out["image_id"].str.startswith("inverted")]
+    false_positive = real["qc_reasons"].str.contains("inverted").mean()
+    detected = inverted["qc_reasons"].str.contains("inverted").mean()
+    print(f"\nNIH1000: inverted flagged on {detected:.1%} of {len(inverted)} inverted copies, "
+          f"on {false_positive:.1%} of {len(real)} real images; polarity real min {real['polarity'].min():.3f}, "
+          f"inverted max {inverted['polarity'].max():.3f}; autocorrelation min {real['autocorrelation'].min():.3f}")
+    assert not real["qc_reasons"].str.contains("not_radiograph|inverted").any()
+    assert detected >= 0.99 and false_positive == 0
+
+
+def test_a_contact_sheet_with_one_image_shows_its_whole_title():
+    import matplotlib.pyplot as plt
+
+    from cxrflow.figures import contact_sheet_figure
+
+    fig = contact_sheet_figure([np.zeros((32, 32), np.uint8)], ["img1"], "rejected: bits_stored_exceeded (1 images)")
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.x1 and title.y1 <= fig.bbox.y1, (title, fig.bbox)
+    plt.close(fig)

@@ -233,3 +233,22 @@ def test_every_image_lands_in_exactly_one_shard(tmp_path):
         assert np.array_equal(image, np.load(tmp_path / f"shard_{row['shard']:04d}.npy")[row["row"]])
     with pytest.raises(KeyError, match="absent.png"):
         cache.load(["img00.png", "absent.png"])
+
+
+def test_the_shard_table_records_each_image_s_fingerprints(tmp_path):
+    """File bytes, decoded pixels and a perceptual hash per image: a byte copy shares all three, an RGBA re-save
+    the pixel hash, a 2x JPEG the perceptual hash only approximately; an unreadable file has none."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:96, 0:80]
+    grey = np.clip(128 + 60 * np.sin(x / 80 * np.pi) + rng.normal(0, 4, (96, 80)), 0, 255).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    (tmp_path / "copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+    Image.fromarray(grey).convert("RGBA").save(tmp_path / "rgba.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    catalog = pd.DataFrame({"image_id": ["a", "copy", "rgba", "bad"],
+                            "path": [str(tmp_path / f"{n}.png") for n in ["a", "copy", "rgba", "bad"]]})
+    table = preprocess_shard(catalog, 0, 1, 32, {}, tmp_path / "s.npy", tmp_path / "s.parquet").set_index("image_id")
+    assert table.loc["a", "content_hash"] == table.loc["copy", "content_hash"] != table.loc["rgba", "content_hash"]
+    assert table.loc["a", "pixel_hash"] == table.loc["rgba", "pixel_hash"]
+    assert table.loc["a", "phash"] == table.loc["rgba", "phash"] and len(table.loc["a", "phash"]) == 64
+    assert table.loc["bad", ["content_hash", "pixel_hash", "phash"]].isna().all()

@@ -14,8 +14,11 @@ output so that later stages can scale to [0, 1] without looking at the data.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import re
+import stat
 import struct
 import warnings
 from collections.abc import Iterator
@@ -36,6 +39,8 @@ __all__ = [
     "DecodeError",
     "Decoded",
     "decode_image",
+    "file_kind",
+    "open_regular_file",
     "is_excluded_view",
     "parse_dicom_age",
     "read_dicom_header",
@@ -90,10 +95,52 @@ def decode_image(path: str | os.PathLike) -> Decoded:
 
     Raises `DecodeError` (and nothing else) when the file cannot give a usable grey image.
     """
-    with _failures_as_decode_errors(path) as notes, open(path, "rb") as fp:
+    with _failures_as_decode_errors(path) as notes, open_regular_file(path) as fp:
+        # SHA-1: fast, and no adversary forges duplicates inside an archive (a fingerprint, not a signature).
+        content_hash = hashlib.file_digest(fp, lambda: hashlib.sha1(usedforsecurity=False)).hexdigest()
+        fp.seek(0)
         decoded = _decode_open_file(fp)
     decoded.meta["notes"].extend(notes)
+    decoded.meta["content_hash"] = content_hash
     return decoded
+
+
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """Open `path` for reading only if it is a regular file (symlinks followed), else raise `DecodeError`.
+
+    The open is non-blocking and the type is checked on the open descriptor: a FIFO is never read (reading one
+    blocks until a writer comes), a device never, and a file swapped for a FIFO between a check and the open is
+    still caught. Reasons: not_a_file (with the kind), symlink_loop, missing_file, unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise DecodeError(_open_failure_reason(exc), f"{exc.strerror}", str(path)) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise DecodeError("not_a_file", file_kind(mode), str(path))
+        os.set_blocking(fd, True)
+        fp = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    fp.raw.name = os.fspath(path)  # readers (pydicom) quote fp.name in their messages; an fd's name is an int
+    return fp
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular directory entry is, in words, for a ledger or a prediction row."""
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character_device"),
+                       (stat.S_ISBLK, "block_device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink")):
+        if test(mode):
+            return name
+    return "special_file"
+
+
+def _open_failure_reason(exc: OSError) -> str:
+    return {errno.ENOENT: "missing_file", errno.ELOOP: "symlink_loop", errno.EISDIR: "not_a_file",
+            errno.ENXIO: "not_a_file"}.get(exc.errno, "unreadable")
 
 
 def read_dicom_header(path: str | os.PathLike) -> dict:
@@ -102,7 +149,7 @@ def read_dicom_header(path: str | os.PathLike) -> dict:
     `color` here is only a hint from SamplesPerPixel; whether the pixels are truly colour is known
     only after decoding. Raises `DecodeError` for a file that is not DICOM.
     """
-    with _failures_as_decode_errors(path) as notes, open(path, "rb") as fp:
+    with _failures_as_decode_errors(path) as notes, open_regular_file(path) as fp:
         size, head = _size_and_head(fp)
         fmt = _sniff_format(head)
         if fmt not in ("dicom", "dicom_bare"):
@@ -233,7 +280,8 @@ def _decode_open_file(fp: BinaryIO) -> Decoded:
         return _decode_dicom(fp, size, bare=fmt == "dicom_bare")
     if fmt in ("png", "jpeg"):
         return _decode_raster(fp, fmt, head)
-    raise DecodeError("unknown_format", f"first bytes {head[:8].hex()} match no DICOM, PNG or JPEG signature")
+    # Never quote the bytes: a ledger is shareable, and a file's first bytes can be anything (README, "Privacy").
+    raise DecodeError("unknown_format", "the first bytes match no DICOM, PNG or JPEG signature")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +315,7 @@ def _decode_dicom(fp: BinaryIO, size: int, bare: bool) -> Decoded:
     transfer_syntax = _transfer_syntax(ds)
     arr = _first_frame(ds, transfer_syntax)
     notes = meta["notes"]
+    meta["bits_overflow"] = _bits_overflow(ds, transfer_syntax, notes)
     if meta["n_frames"] > 1:
         notes.append(f"multi-frame: first frame of {meta['n_frames']} used")
 
@@ -294,6 +343,35 @@ def _decode_dicom(fp: BinaryIO, size: int, bare: bool) -> Decoded:
 
     _check_finite(pixels)
     return Decoded(pixels=pixels, meta=meta)
+
+
+def _bits_overflow(ds: Dataset, transfer_syntax: UID, notes: list[str]) -> float:
+    """The share of the first frame's stored values that do not fit in BitsStored.
+
+    pydicom masks every value to BitsStored, so a file whose BitsStored is smaller than its data (a wrong
+    header from a converter) would be silently cut to its low bits: bright bone wraps around to black. The raw
+    buffer shows it. Only for uncompressed data, where the raw values are at hand; a codec's output is masked
+    before it can be seen.
+    """
+    if transfer_syntax.is_compressed or "PixelData" not in ds:
+        return 0.0
+    allocated, stored = _int_tag(ds, "BitsAllocated", 0), _int_tag(ds, "BitsStored", 0)
+    if allocated not in (8, 16, 32) or not 0 < stored < allocated:
+        return 0.0
+    signed = _int_tag(ds, "PixelRepresentation", 0) == 1
+    count = _int_tag(ds, "Rows", 0) * _int_tag(ds, "Columns", 0) * max(1, _int_tag(ds, "SamplesPerPixel", 1))
+    dtype = np.dtype(f"{'<' if ds.original_encoding[1] is not False else '>'}{'i' if signed else 'u'}{allocated // 8}")
+    raw = np.frombuffer(ds.PixelData, dtype=dtype, count=min(count, len(ds.PixelData) // dtype.itemsize))
+    if raw.size == 0:
+        return 0.0
+    if signed:
+        outside = (raw < -(2 ** (stored - 1))) | (raw > 2 ** (stored - 1) - 1)
+    else:
+        outside = raw > 2**stored - 1
+    share = float(np.count_nonzero(outside)) / raw.size
+    if share:
+        notes.append(f"{share:.1%} of stored values exceed BitsStored {stored} (masked by the decoder)")
+    return share
 
 
 def _check_meta_group_complete(ds: Dataset, size: int) -> None:
@@ -486,6 +564,8 @@ def _dicom_meta(ds: Dataset) -> dict:
         "body_part": _text_tag(ds, "BodyPartExamined"),
         "study_date": _text_tag(ds, "StudyDate"),
         "modality": _text_tag(ds, "Modality"),
+        # Text burned into the pixels (names, dates) is an identifier no tag removal reaches (DICOM PS3.15 E).
+        "burned_in": 1.0 if (_text_tag(ds, "BurnedInAnnotation") or "").upper() == "YES" else 0.0,
     }
 
 
@@ -613,9 +693,11 @@ def _raster_array(img: Image.Image, png_bit_depth: int, notes: list[str]) -> tup
         return np.asarray(img), 8
     if mode in ("I;16", "I;16L", "I;16B"):
         # Pillow keeps 16-bit grey PNG as I;16, so the full precision reaches the array.
-        return np.asarray(img), 16
+        arr = np.asarray(img)
+        return arr, _bits_in_use(arr, 16, notes)
     if mode in ("I", "F"):
-        return np.asarray(img), 16 if png_bit_depth == 16 else 32
+        arr = np.asarray(img)
+        return arr, _bits_in_use(arr, 16, notes) if png_bit_depth == 16 else 32
     bits = png_bit_depth
     if mode in ("P", "PA"):
         notes.append("palette image expanded to RGB")
@@ -635,6 +717,23 @@ def _raster_array(img: Image.Image, png_bit_depth: int, notes: list[str]) -> tup
             notes.append("alpha channel dropped")
         return _grey_from_channels(arr[..., :3], notes, full_scale=255), bits
     raise DecodeError("unsupported_mode", f"Pillow mode {mode}")
+
+
+def _bits_in_use(arr: np.ndarray, container_bits: int, notes: list[str]) -> int:
+    """The bit depth a 16-bit grey PNG really uses: 10, 12 or 14 when its values fill that depth, else 16.
+
+    Detector exports often store 12-bit data in a 16-bit PNG without saying so; judged against 0..65535 such an
+    image has its median near 0.03 and would be rejected as too dark. A depth is taken as the nominal range when the
+    largest value fits it and sets its top bit (reaches its upper half), as the brightest pixels of an exposed
+    radiograph (bone, markers) do. A truly dark 16-bit image has no such bright pixels: its largest value sits below
+    the upper half of every standard depth, so it stays judged against 0..65535 and QC still calls it too dark.
+    """
+    top = int(arr.max()) if arr.size else 0
+    for bits in (10, 12, 14):
+        if bits < container_bits and 2 ** (bits - 1) <= top < 2**bits:
+            notes.append(f"{container_bits}-bit PNG uses {bits} bits: scaled by 0..{2**bits - 1}")
+            return bits
+    return container_bits
 
 
 # ---------------------------------------------------------------------------------------------

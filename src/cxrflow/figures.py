@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -11,24 +12,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-HISTOGRAM_METRICS = ["p50", "dynamic_range", "std", "clipped_white", "line_score", "entropy", "aspect", "clipped_black"]
+from cxrflow.io import save_figure  # noqa: E402
+
+HISTOGRAM_METRICS = ["p50", "dynamic_range", "std", "clipped_white", "line_score", "autocorrelation", "polarity",
+                     "entropy", "aspect", "clipped_black"]
 
 
 def quality_histograms(metrics: pd.DataFrame, thresholds: dict, out_path) -> None:
-    """One histogram per QC metric over the decodable images, with the configured threshold drawn in."""
+    """One histogram per QC metric over the decodable images, with the configured thresholds drawn in (a value or a
+    list of values per metric: p50 has a lower and an upper one)."""
     decoded = metrics[metrics["status"] == "ok"]
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6))
+    fig, axes = plt.subplots(2, 5, figsize=(17, 6))
     for ax, metric in zip(axes.flat, HISTOGRAM_METRICS):
-        values = decoded[metric].dropna()
+        values = decoded[metric].dropna() if metric in decoded else pd.Series(dtype=float)
         ax.hist(values, bins=40, color="0.6")
-        if thresholds.get(metric) is not None:
-            ax.axvline(thresholds[metric], color="crimson", lw=1.5, label="threshold")
+        limits = thresholds.get(metric)
+        limits = [v for v in (limits if isinstance(limits, list) else [limits]) if v is not None]
+        for n, value in enumerate(limits):
+            ax.axvline(value, color="crimson", lw=1.5, label="threshold" if n == 0 else None)
+        if limits:
             ax.legend(fontsize=7)
         ax.set_title(metric, fontsize=9)
     n_fail = int((~metrics["qc_pass"]).sum())
     fig.suptitle(f"QC metrics of {len(decoded)} decodable images; {n_fail} of {len(metrics)} rejected")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=90)
+    save_figure(fig, out_path, dpi=90)
     plt.close(fig)
 
 
@@ -40,18 +48,32 @@ def contact_sheets(metrics: pd.DataFrame, shard_files: dict[int, str], out_dir, 
     arrays = {s: np.load(f, mmap_mode="r") for s, f in shard_files.items()}
     for reason, group in rejected.groupby("qc_reason"):
         group = group.sort_values("image_id").head(per_sheet)
-        cols = min(6, len(group))
-        rows = int(np.ceil(len(group) / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, (_, r) in zip(axes.flat, group.iterrows()):
-            ax.imshow(arrays[int(r["shard"])][int(r["row"])], cmap="gray", vmin=0, vmax=255)
-            ax.set_title(f"{r['image_id'][:14]}", fontsize=6)
-        fig.suptitle(f"rejected: {reason} ({int((rejected['qc_reason'] == reason).sum())} images)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{reason}.png", dpi=90)
+        title = f"rejected: {reason} ({int((rejected['qc_reason'] == reason).sum())} images)"
+        fig = contact_sheet_figure([arrays[int(r["shard"])][int(r["row"])] for _, r in group.iterrows()],
+                                   [str(i)[:14] for i in group["image_id"]], title)
+        save_figure(fig, out_dir / f"{reason}.png", dpi=90)
         plt.close(fig)
+
+
+# The sheet is never narrower than this (inches), so that its title fits when it holds one or two thumbnails.
+MIN_SHEET_WIDTH = 4.0
+
+
+def contact_sheet_figure(images: list[np.ndarray], labels: list[str], title: str):
+    """Thumbnails in up to 6 columns under a title; the title wraps and the figure widens so that it is never
+    clipped (a one-image sheet of 1.6 inches used to cut it on both sides)."""
+    cols = max(1, min(6, len(images)))
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    width = max(1.6 * cols, MIN_SHEET_WIDTH)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 1.7 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axes.flat, images, labels):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(label, fontsize=6)
+    fig.suptitle("\n".join(textwrap.wrap(title, width=int(width * 11))), fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def flow_figure(flows: dict[str, pd.DataFrame], out_path) -> None:
@@ -76,7 +98,7 @@ def flow_figure(flows: dict[str, pd.DataFrame], out_path) -> None:
         ax.set_title(f"{name}: {int(final['positives'])} pos / {int(final['negatives'])} neg", fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=90)
+    save_figure(fig, out_path, dpi=90)
     plt.close(fig)
 
 
@@ -117,5 +139,5 @@ def consort_figure(flow: pd.DataFrame, title: str, out_path) -> None:
                 bbox=dict(boxstyle="square,pad=0.4", fc="#fbeaea" if removed_images else "0.96", ec="0.6", lw=0.8))
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    save_figure(fig, out_path, dpi=100)
     plt.close(fig)

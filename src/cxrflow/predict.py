@@ -10,6 +10,7 @@ recorded, but do not withhold a prediction: the user decides what a failed check
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,38 @@ from cxrflow.train import predict
 
 
 def list_files(folder: str | Path) -> list[Path]:
-    """Every regular, non-hidden file below `folder`, sorted. Formats are recognised by their bytes, not names."""
+    """Every non-hidden entry below `folder` that is not a real directory, sorted: regular files, and also FIFOs,
+    devices, sockets, symlinks (to files, to directories, dangling or looping), each of which gets a row.
+
+    Real directories are walked (symlinked ones are not, so a link loop cannot make the walk endless); a directory
+    that cannot be listed is itself an entry, whose row says so. Nothing is opened here: the decoder opens only
+    regular files (`decode.open_regular_file`), so a FIFO never blocks the run. Formats are recognised by their
+    bytes, not names.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CxrflowError(f"predict.images: no such folder: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    if not files:
+    entries: list[Path] = []
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            children = list(os.scandir(current))
+        except OSError:
+            if current == folder:
+                raise CxrflowError(f"predict.images: cannot list {folder}") from None
+            entries.append(current)  # its row: decode_image says "not_a_file: directory"
+            continue
+        for child in children:
+            if child.name.startswith("."):
+                continue
+            if child.is_dir(follow_symlinks=False):
+                pending.append(Path(child.path))
+            else:
+                entries.append(Path(child.path))
+    if not entries:
         raise CxrflowError(f"predict.images: {folder} holds no files")
-    return files
+    return sorted(entries)
 
 
 def input_convention(metadata: dict) -> tuple[int, tuple[float, float], bool]:

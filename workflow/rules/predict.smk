@@ -7,9 +7,11 @@ rule predict:
         metadata=expand("results/models/{pathology}/metadata.json", pathology=PATHOLOGIES),
         metrics=expand("results/metrics/{pathology}.json", pathology=PATHOLOGIES),
     output:
-        probabilities="results/predictions/new/probabilities.csv",
+        # Rows name the user's files, whose names may name patients: a private output.
+        probabilities="results/private/predictions/probabilities.csv",
     log:
         "results/logs/predict.log",
+    retries: 2
     conda:
         "../../envs/train.yaml"
     threads: 1
@@ -18,6 +20,6 @@ rule predict:
         runtime=60,
     params:
         pathologies=PATHOLOGIES,
-        quality=config["quality"],
+        quality=quality_rules(),
     script:
         "../scripts/predict.py"

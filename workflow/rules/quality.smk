@@ -10,11 +10,16 @@ rule quality:
             caption="../report/quality.rst",
             category="Quality control",
         ),
-        sheets=report(
-            directory("results/quality/rejects"),
-            patterns=["{reason}.png"],
-            caption="../report/rejects.rst",
-            category="Quality control",
+        # Thumbnails of patients: shareable only for the synthetic archive or with report.show_images: true.
+        sheets=(
+            report(
+                directory("results/quality/rejects"),
+                patterns=["{reason}.png"],
+                caption="../report/rejects.rst",
+                category="Quality control",
+            )
+            if SHOW_IMAGES
+            else directory("results/private/quality/rejects")
         ),
         ledger="results/ledger.csv",
     log:
@@ -22,6 +27,22 @@ rule quality:
     conda:
         "../../envs/data.yaml"
     params:
-        quality=config["quality"],
+        quality=quality_rules(),
     script:
         "../scripts/quality.py"
+
+
+# Exact (file bytes, decoded pixels) and near (perceptual hash) duplicates, for the patient-exclusive split.
+rule duplicates:
+    input:
+        tables=shard_tables,
+    output:
+        duplicates="results/quality/duplicates.parquet",
+    log:
+        "results/logs/duplicates.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        near_bits=config["quality"]["near_duplicate_bits"],
+    script:
+        "../scripts/duplicates.py"

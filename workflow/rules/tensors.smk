@@ -1,7 +1,10 @@
 # One pass per image, in shards: decode -> QC metrics -> normalized uint8 tensor.
+# The shard tables are not temp(): quality, duplicates and tensor_index read them again when their own settings
+# change, and remaking a table would rewrite its tensors too and so retrain every model.
 rule preprocess_shard:
+    """Reads identifiers: the files' paths in the private catalog. Writes pixels and counts keyed by pseudonyms."""
     input:
-        catalog="results/catalog.parquet",
+        catalog="results/private/catalog.parquet",
     output:
         table="results/preprocess/shards/{shard}.parquet",
         tensors="results/tensors/shard_{shard}.npy",
@@ -9,6 +12,7 @@ rule preprocess_shard:
         "results/logs/preprocess/{shard}.log",
     benchmark:
         "results/benchmarks/preprocess/{shard}.tsv"
+    retries: 2
     conda:
         "../../envs/data.yaml"
     threads: 1
@@ -29,6 +33,7 @@ rule tensor_index:
         index="results/tensors/index.parquet",
     log:
         "results/logs/tensor_index.log",
+    localrule: True
     conda:
         "../../envs/data.yaml"
     script:
