@@ -1,5 +1,8 @@
-"""The one exception type for mistakes a user can make (bad config, bad table, missing file)."""
+"""The one exception type for mistakes a user can make (bad config, bad table, missing file).
 
+It is defined in `cxrflow_plan` (which Snakemake imports while planning, without the package's heavy
+dependencies), so that an error raised while planning and one raised inside a job are the same class."""
 
-class CxrflowError(Exception):
-    """A user-facing error. Its message names the file, row or key at fault; the CLI prints it without a traceback."""
+from cxrflow_plan import CxrflowError
+
+__all__ = ["CxrflowError"]

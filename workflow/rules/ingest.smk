@@ -5,6 +5,8 @@ rule ingest:
         catalog="results/catalog.parquet",
         ledger="results/ingest/ledger.csv",
         summary="results/ingest/summary.json",
+        private_catalog="results/private/catalog.parquet",
+        private_ledger="results/private/ingest/ledger.csv",
     log:
         "results/logs/ingest.log",
     conda:

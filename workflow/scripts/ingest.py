@@ -9,5 +9,7 @@ with script(snakemake):
         snakemake.output.catalog,
         snakemake.output.ledger,
         snakemake.output.summary,
+        snakemake.output.private_catalog,
+        snakemake.output.private_ledger,
         workers=snakemake.threads,
     )
