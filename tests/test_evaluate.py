@@ -34,7 +34,7 @@ def test_weighted_metrics_match_a_hand_count():
     precision = (6 * 4 / 5 + 4 * 3 / 5) / 10
     recall = (6 * 4 / 6 + 4 * 3 / 4) / 10
     assert m["precision_weighted"] == pytest.approx(precision) and m["recall_weighted"] == pytest.approx(recall)
-    assert m["accuracy"] == pytest.approx(0.7) == pytest.approx(m["recall_weighted"])
+    assert m["accuracy"] == pytest.approx(0.7)
 
 
 def test_patient_bootstrap_resamples_whole_patients():
@@ -58,6 +58,18 @@ def test_threshold_comes_from_validation_and_metrics_from_test():
     assert 0.2 < m["threshold"] <= 0.7
     assert m["n_test"] == 4 and m["n_test_positive"] == 2 and m["auc"] == 1.0
     assert m["at_0.5"]["confusion_matrix"] == [[1, 1], [0, 2]]
+
+
+def drawn_png(path) -> tuple[int, int]:
+    """The figure's (width, height) in pixels, after checking that something is drawn: over 2% of its pixels are not
+    near-white (a figure whose plotting failed half-way, or an empty axes, is almost all white)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        grey = np.asarray(image.convert("L"))
+    assert (grey < 240).mean() > 0.02, f"{path}: nothing drawn"
+    return grey.shape[1], grey.shape[0]
 
 
 class ToyNet(torch.nn.Module):
@@ -112,8 +124,8 @@ def test_examples_and_figures(tmp_path):
     plot_confusion(metrics, "Toy", tmp_path / "confusion.png")
     history = pd.DataFrame({"epoch": range(4), "train_loss": [0.9, 0.7, 0.6, 0.5], "val_auc": [0.6, 0.8, 0.75, 0.7]})
     plot_training_curves(history, 1, "Toy", tmp_path / "curves.png")
-    for name in ("gradcam.png", "confusion.png", "curves.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 10_000
+    assert drawn_png(tmp_path / "confusion.png") == (880, 418) and drawn_png(tmp_path / "curves.png") == (660, 418)
+    drawn_png(tmp_path / "gradcam.png")
 
 
 def test_metrics_table_has_table1_columns_cis_and_counts(tmp_path):
@@ -191,6 +203,7 @@ def test_nih1000_women_cardiomegaly_on_the_cpu(shared_data, root, tmp_path, monk
     keys_file = root / "config" / "labels" / "keys.yaml"
     catalog = build_catalog(source, keys_file, base="/").catalog
     assert len(catalog) == 1000 and int(catalog["enlarged_heart"].sum()) == 83
+    catalog.to_parquet(tmp_path / "catalog.parquet", index=False)  # for the metadata baseline and the subgroups
     shards, index = [tmp_path / "shard_0000.npy"], tmp_path / "index.parquet"
     table = preprocess_shard(catalog, 0, 1, 64, {}, shards[0], index)
     quality = apply_rules(table, {"dark_p50": 0.08, "bright_p50": 0.92, "blank_std": 0.02, "max_line_score": 0.35})
@@ -215,7 +228,8 @@ def test_nih1000_women_cardiomegaly_on_the_cpu(shared_data, root, tmp_path, monk
         metrics = run_evaluate(out / "model.pt", out / "metadata.json", tmp_path / "manifest.csv", index, shards,
                                NIH_TRAINING, "enlarged_heart", out / "metrics.json", out / "pred.csv", out / "roc.png",
                                history_path=out / "history.csv", confusion_out=out / "cm.png",
-                               curves_out=out / "curves.png", gradcam_out=out / "gradcam.png")
+                               curves_out=out / "curves.png", gradcam_out=out / "gradcam.png",
+                               catalog_path=tmp_path / "catalog.parquet")
         predictions = pd.read_csv(out / "pred.csv", dtype={"image_id": str, "patient_id": str})
         out_of_fold.append(predictions[predictions["split"] == "test"])
         fold_aucs.append(metrics["auc"])
@@ -234,7 +248,18 @@ def test_nih1000_women_cardiomegaly_on_the_cpu(shared_data, root, tmp_path, monk
     print(f"NIH1000 women, Cardiomegaly, frontal films, 64 px, CPU, {NIH_FOLDS}-fold patient-grouped CV: "
           f"CNN fold AUCs {np.round(fold_aucs, 3).tolist()}, mean {np.mean(fold_aucs):.3f}; pooled out-of-fold AUC "
           f"{auc:.3f} (95% CI {low:.3f}-{high:.3f}); linear probe pooled AUC {roc_auc_score(cohort['label'], probe):.3f}")
-    assert low <= auc <= high
+    # The shortcut baseline on the same folds (metadata alone, fitted on each fold's train split), paired with the CNN.
+    from cxrflow.metrics import bootstrap_metrics
+    from cxrflow.subgroups import subgroup_table
+
+    paired = bootstrap_metrics(pooled["label"], pooled["prob"], pooled["patient_id"], 0.5, 1000, 42, reference=pooled["baseline_prob"])
+    baseline_auc = roc_auc_score(pooled["label"], pooled["baseline_prob"])
+    print(f"metadata baseline ({metrics['baseline']['features']}) pooled out-of-fold AUC {baseline_auc:.3f}; CNN minus "
+          f"baseline {auc - baseline_auc:+.3f} (paired 95% CI {paired['auc_difference'][0]:+.3f} to {paired['auc_difference'][1]:+.3f})")
+    groups = subgroup_table(pooled.merge(catalog[["image_id", "age", "view"]].astype({"image_id": str}), on="image_id"),
+                            [40, 60, 80], 5, 1000, 42)
+    print(groups.to_string(index=False))
+    assert np.isfinite(baseline_auc) and set(groups["attribute"]) == {"age_band", "view"}
     # Above chance, with room: the measured mean is about 0.65. The issue's 0.70 is not reached under
     # cross-validation by a network trained from scratch on 13 positive women (the closing note says so).
     assert np.mean(fold_aucs) >= 0.60

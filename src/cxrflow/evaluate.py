@@ -1,4 +1,4 @@
-"""Evaluation on the test split: the paper's Table 1 metrics, a patient-level bootstrap CI, and the figures."""
+"""Evaluation on the test split: the paper's Table 1 metrics, the clinical metrics, patient-bootstrap CIs, the figures."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_curve, precision_recall_fscore_support,
                              roc_auc_score, roc_curve)
+
+from cxrflow.metrics import (THRESHOLD_METRICS, bootstrap_metrics, patient_resamples, percentile_interval, point_metrics,
+                             weighted_auc)
 
 
 def youden_threshold(labels, probs) -> float:
@@ -16,6 +19,7 @@ def youden_threshold(labels, probs) -> float:
 
 
 def threshold_metrics(labels, probs, threshold: float) -> dict:
+    """The paper's metrics at a threshold (scikit-learn's weighted averages) and the confusion matrix."""
     predicted = (np.asarray(probs) >= threshold).astype(int)
     precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="weighted", zero_division=0)
     return {
@@ -30,39 +34,50 @@ def threshold_metrics(labels, probs, threshold: float) -> dict:
 
 def patient_bootstrap_auc(labels, probs, patients, n: int, seed: int, level: float = 0.95) -> tuple[float, float]:
     """Percentile CI of the AUC, resampling whole patients (their images are not independent)."""
-    labels, probs = np.asarray(labels), np.asarray(probs)
-    codes, uniques = pd.factorize(pd.Series(patients))
-    members = [np.flatnonzero(codes == i) for i in range(len(uniques))]
-    rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(n):
-        chosen = rng.integers(0, len(members), len(members))
-        index = np.concatenate([members[i] for i in chosen])
-        if labels[index].min() != labels[index].max():
-            aucs.append(roc_auc_score(labels[index], probs[index]))
-    if not aucs:
-        return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    return float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))
+    draws = [weighted_auc(labels, probs, weights) for weights in patient_resamples(patients, n, seed)]
+    low, high = percentile_interval(np.concatenate(draws) if draws else [], level)
+    return low, high
 
 
-def evaluate_predictions(predictions: pd.DataFrame, bootstrap: int, seed: int) -> dict:
-    """predictions: image_id, patient_id, label, prob, split (val and test). Threshold from val, metrics on test."""
+def evaluate_predictions(predictions: pd.DataFrame, bootstrap: int, seed: int, *, prevalence: float | None = None,
+                         reference: str | None = None) -> dict:
+    """predictions: image_id, patient_id, label, prob, split (val and test). Threshold from val, metrics on test.
+
+    Besides the paper's columns (top-level keys, as before): `clinical`, every metric at the threshold with its
+    patient-bootstrap 95% CI; `at_prevalence`, PPV and NPV at a clinical `prevalence` (Bayes, from the test
+    sensitivity and specificity, with CIs from the same resamples); with `reference` (a column of other scores,
+    e.g. the metadata baseline), `reference_auc_difference`, the paired AUC difference prob - reference.
+    """
     val = predictions[predictions["split"] == "val"]
     test = predictions[predictions["split"] == "test"]
     threshold = youden_threshold(val["label"], val["prob"])
-    ci = patient_bootstrap_auc(test["label"], test["prob"], test["patient_id"], bootstrap, seed)
     at_youden = threshold_metrics(test["label"], test["prob"], threshold)
     at_half = threshold_metrics(test["label"], test["prob"], 0.5)
-    return {
+    point = point_metrics(test["label"], test["prob"], threshold, prevalence)
+    ci = bootstrap_metrics(test["label"], test["prob"], test["patient_id"], threshold, bootstrap, seed,
+                           prevalence=prevalence, reference=None if reference is None else test[reference])
+    missing = [float("nan"), float("nan")]
+    result = {
         "n_test": len(test),
         "n_test_patients": int(test["patient_id"].nunique()),
         "n_test_positive": int(test["label"].sum()),
-        "auc": float(roc_auc_score(test["label"], test["prob"])),
-        "auc_ci95": list(ci),
-        **{k: v for k, v in at_youden.items()},
+        "n_test_positive_patients": int(test.loc[test["label"] == 1, "patient_id"].nunique()),
+        "test_prevalence": float(test["label"].mean()),
+        "auc": point["auc"],
+        "auc_ci95": ci.get("auc", missing),
+        **at_youden,
         "at_0.5": at_half,
+        "bootstrap": {"resamples": bootstrap, "unit": "patient", "interval": "percentile 95%"},
+        "clinical": {name: {"value": point[name], "ci95": ci.get(name, missing)} for name in ("auc", *THRESHOLD_METRICS)},
     }
+    if prevalence is not None:
+        result["at_prevalence"] = {"prevalence": prevalence, **{
+            name: {"value": point[f"{name}_at_prevalence"], "ci95": ci.get(f"{name}_at_prevalence", missing)}
+            for name in ("ppv", "npv")}}
+    if reference is not None:
+        result["reference_auc_difference"] = {"value": point["auc"] - weighted_auc(test["label"], test[reference]),
+                                              "ci95": ci.get("auc_difference", missing)}
+    return result
 
 
 def plot_roc_pr(predictions: pd.DataFrame, title: str, out_path) -> None:

@@ -1,14 +1,26 @@
 rule evaluate:
     input:
-        model="results/models/{pathology}/model.pt",
-        metadata="results/models/{pathology}/metadata.json",
-        history="results/models/{pathology}/history.csv",
+        unpack(trained_model),
         manifest="results/splits/{pathology}.csv",
+        catalog="results/catalog.parquet",
         index="results/tensors/index.parquet",
         tensors=tensor_shards,
     output:
         metrics="results/metrics/{pathology}.json",
         predictions="results/predictions/{pathology}.csv",
+        threshold="results/models/{pathology}/threshold.json",
+        subgroups=report(
+            "results/subgroups/{pathology}.csv",
+            caption="../report/subgroups.rst",
+            category="Evaluation",
+            subcategory="{pathology}",
+        ),
+        reliability=report(
+            "results/figures/{pathology}_reliability.png",
+            caption="../report/reliability.rst",
+            category="Evaluation",
+            subcategory="{pathology}",
+        ),
         roc=report(
             "results/figures/{pathology}_roc.png",
             caption="../report/roc.rst",
@@ -27,16 +39,22 @@ rule evaluate:
             category="Evaluation",
             subcategory="{pathology}",
         ),
-        gradcam=report(
-            "results/figures/{pathology}_gradcam.png",
-            caption="../report/gradcam.rst",
-            category="Evaluation",
-            subcategory="{pathology}",
+        # Overlays on patients' images: shareable only for the synthetic archive or with report.show_images: true.
+        gradcam=(
+            report(
+                "results/figures/{pathology}_gradcam.png",
+                caption="../report/gradcam.rst",
+                category="Evaluation",
+                subcategory="{pathology}",
+            )
+            if SHOW_IMAGES
+            else "results/private/figures/{pathology}_gradcam.png"
         ),
     log:
         "results/logs/evaluate/{pathology}.log",
     benchmark:
         "results/benchmarks/evaluate/{pathology}.tsv"
+    retries: 2
     conda:
         "../../envs/train.yaml"
     threads: 1
@@ -47,3 +65,30 @@ rule evaluate:
         config=evaluation_settings,
     script:
         "../scripts/evaluate.py"
+
+
+# The model card beside the weights: what the model is for, how its labels were made, how it was tested.
+rule model_card:
+    input:
+        metadata=model_metadata,
+        threshold="results/models/{pathology}/threshold.json",
+        metrics="results/metrics/{pathology}.json",
+        flow="results/cohorts/{pathology}_flow.csv",
+        manifest="results/splits/{pathology}.csv",
+    output:
+        card=report(
+            "results/models/{pathology}/model_card.md",
+            caption="../report/model_card.rst",
+            category="Model cards",
+            subcategory="{pathology}",
+        ),
+        json="results/models/{pathology}/model_card.json",
+    log:
+        "results/logs/model_card/{pathology}.log",
+    localrule: True
+    conda:
+        "../../envs/data.yaml"
+    params:
+        config=model_card_settings,
+    script:
+        "../scripts/model_card.py"

@@ -11,6 +11,7 @@ rule train:
         "results/logs/train/{pathology}.log",
     benchmark:
         "results/benchmarks/train/{pathology}.tsv"
+    retries: 2
     conda:
         "../../envs/train.yaml"
     threads: 1

@@ -11,4 +11,11 @@ with script(snakemake):
         snakemake.output.table,
         snakemake.output.markdown,
         snakemake.output.roc,
+        clinical_out=snakemake.output.clinical,
+        clinical_markdown_out=snakemake.output.clinical_markdown,
+        subgroup_files=snakemake.input.subgroups,
+        subgroups_out=snakemake.output.subgroups,
+        subgroups_markdown_out=snakemake.output.subgroups_markdown,
+        min_subgroup_patients=snakemake.params.min_subgroup_patients,
+        card_files=snakemake.input.cards,
     )

@@ -17,4 +17,8 @@ with script(snakemake):
         confusion_out=snakemake.output.confusion,
         curves_out=snakemake.output.curves,
         gradcam_out=snakemake.output.gradcam,
+        catalog_path=snakemake.input.catalog,
+        reliability_out=snakemake.output.reliability,
+        threshold_out=snakemake.output.threshold,
+        subgroups_out=snakemake.output.subgroups,
     )
