@@ -16,7 +16,14 @@ ratio to the fastest training rate. Goals (issue 6): AMP + channels_last >= 1.5x
 B4 at 380 px on an H100; the loader >= 3x what the GPU consumes. Last, a smoke run of `cxrflow.train.train` itself
 (2 epochs of 8 steps on random images, on the device the slot logic picks) shows the whole training path there.
 
-Needs torch, timm, numpy, pandas (pyarrow for the cache index) and scikit-learn; MONAI is not imported.
+`--mode multilabel` (issue 17) measures the same steps for one network with `--outputs` logits (nine findings by
+default) under the masked BCE of cxrflow.multilabel (a third of the labels missing, as outside a cohort), and
+smoke-runs `cxrflow.multilabel.train_multilabel` instead. Feed its --json to `benchmarks/multilabel.py compute
+--gpu-json` for the GPU-hours of nine binary models against one multi-label model.
+
+Imports only what a bare GPU node has: torch, timm, numpy, pandas, pyarrow, scikit-learn, scikit-image, SciPy,
+Pillow, PyYAML, matplotlib (tests/test_benchmarks_gpu.py checks every imported module's distribution); MONAI, the
+DICOM readers and Snakemake are not imported.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cxrflow.models import build_model  # noqa: E402
+from cxrflow.multilabel import build_multilabel_model, masked_bce  # noqa: E402
 from cxrflow.train import BatchAugment, amp_dtype_for, forward_backward, prepare_batch  # noqa: E402
 
 
@@ -57,11 +65,12 @@ def images_per_second(step, images_per_step: int, steps: int, warmup: int, devic
 
 
 def train_rates(model_name: str, size: int, batches: list[int], device, amp_dtype, channels_last: bool, steps: int,
-                warmup: int) -> dict[int, float | None]:
+                warmup: int, outputs: int = 1) -> dict[int, float | None]:
     """Images/s of full training steps (forward, loss, backward, AdamW) on a batch resident on the device, per batch
-    size; None where the batch does not fit."""
+    size; None where the batch does not fit. outputs > 1: the multi-label network and its masked loss."""
     torch.manual_seed(0)
-    model = build_model({"library": "timm", "name": model_name}).to(device)
+    spec = {"library": "timm", "name": model_name}
+    model = (build_model(spec) if outputs == 1 else build_multilabel_model(spec, outputs)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -71,9 +80,15 @@ def train_rates(model_name: str, size: int, batches: list[int], device, amp_dtyp
     for batch in batches:
         images = np.random.default_rng(0).integers(0, 256, (batch, size, size), dtype=np.uint8)
         x = prepare_batch(images, device, zscore=True, channels_last=channels_last)
-        y = (torch.arange(batch, device=device) % 2).float().unsqueeze(1)
-        # The per-image weights of cxrflow.train.sample_weights; balanced classes weigh 1.
-        loss_fn = functools.partial(torch.nn.functional.binary_cross_entropy_with_logits, weight=torch.ones_like(y))
+        if outputs == 1:
+            y = (torch.arange(batch, device=device) % 2).float().unsqueeze(1)
+            # The per-image weights of cxrflow.train.sample_weights; balanced classes weigh 1.
+            loss_fn = functools.partial(torch.nn.functional.binary_cross_entropy_with_logits, weight=torch.ones_like(y))
+        else:
+            # A third of the labels missing (images outside a cohort), the rest 1 or 0, per-output weights of 1.
+            cells = torch.arange(batch * outputs, device=device).view(batch, outputs)
+            y = torch.where(cells % 3 == 0, torch.nan, (cells % 2).float())
+            loss_fn = functools.partial(masked_bce, weights=torch.ones_like(y))
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -161,6 +176,34 @@ def smoke_train(model_name: str, size: int, batch: int, epochs: int, n_images: i
             "epoch_seconds": [round(s, 2) for s in result.history["seconds"]]}
 
 
+def smoke_train_multilabel(model_name: str, size: int, batch: int, epochs: int, n_images: int, outputs: int) -> dict:
+    """One real `cxrflow.multilabel.train_multilabel` run on random images with `outputs` labels, a third missing."""
+    import logging
+
+    from cxrflow.multilabel import train_multilabel
+    from cxrflow.tensors import TensorCache
+
+    with tempfile.TemporaryDirectory() as tmp:
+        index, shards = write_cache(Path(tmp), n_images, size)
+        ids = pd.read_parquet(index)["image_id"]
+        cells = np.arange(n_images * outputs).reshape(n_images, outputs)
+        labels = np.where(cells % 3 == 0, np.nan, (cells + cells // outputs) % 2).astype(np.float32)
+        table = pd.DataFrame({"image_id": ids, "patient_id": ids,
+                              "split": np.where(np.arange(n_images) < n_images * 2 // 3, "train", "val")})
+        for k in range(outputs):
+            table[f"finding_{k}"] = labels[:, k]
+        cfg = {"image": {"size": size, "zscore": True}, "model": {"library": "timm", "name": model_name},
+               "train": {"epochs": epochs, "batch_size": batch, "lr": 1e-3}, "cohorts": {"pathologies": {}}}
+        started = time.perf_counter()
+        result = train_multilabel(table, TensorCache.open(index, shards), cfg, Path(tmp) / "run", seed=0,
+                                  log=logging.getLogger("smoke").info)
+        seconds = time.perf_counter() - started
+    meta = result.metadata
+    return {"runtime": meta["runtime"], "micro_batch": meta["micro_batch"], "effective_batch": meta["effective_batch"],
+            "epochs_run": meta["epochs_run"], "outputs": len(meta["outputs"]), "seconds": round(seconds, 1),
+            "epoch_seconds": [round(s, 2) for s in result.history["seconds"]]}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -172,7 +215,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--loader-images", type=int, default=2048)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--mode", choices=["binary", "multilabel"], default="binary",
+                        help="multilabel: one network with --outputs logits and the masked BCE (issue 17)")
+    parser.add_argument("--outputs", type=int, default=9, help="--mode multilabel: logits of the network")
     args = parser.parse_args(argv)
+    outputs = args.outputs if args.mode == "multilabel" else 1
     if args.quick:
         args.model, args.size, args.batches, args.steps, args.warmup, args.loader_images = "efficientnet_b0", 32, [2, 4], 2, 1, 64
 
@@ -181,11 +228,13 @@ def main(argv=None) -> dict:
     amp = amp_dtype_for(device) or torch.bfloat16  # on the CPU, bf16 autocast: exercised, not a goal
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; {args.model} at {args.size} px; AMP dtype {str(amp).removeprefix('torch.')}"
-          + (f"; fp32 convolutions may use TF32: {torch.backends.cudnn.allow_tf32} (PyTorch's default)" if device.type == "cuda" else ""))
+          + (f"; fp32 convolutions may use TF32: {torch.backends.cudnn.allow_tf32} (PyTorch's default)" if device.type == "cuda" else "")
+          + f"; mode {args.mode}" + (f" ({outputs} outputs, masked BCE)" if outputs > 1 else ""))
     modes = {"fp32 NCHW": (None, False), "AMP + channels_last": (amp, True)}
     rates = {}
     for mode, (dtype, channels_last) in modes.items():
-        rates[mode] = train_rates(args.model, args.size, args.batches, device, dtype, channels_last, args.steps, args.warmup)
+        rates[mode] = train_rates(args.model, args.size, args.batches, device, dtype, channels_last, args.steps, args.warmup,
+                                  outputs)
         for batch, rate in rates[mode].items():
             shown = f"{rate:9.1f}" if rate else "      OOM"
             print(f"train  batch {batch:4d}  {mode:20s} {shown} images/s", flush=True)
@@ -199,11 +248,17 @@ def main(argv=None) -> dict:
         print(f"loader {part:15s} {rate:9.1f} images/s  ({rate / best:.1f}x the fastest training rate, goal >= 3x)")
     best_amp = max((r for r in rates["AMP + channels_last"].values() if r), default=0.0)
     print(f"best AMP + channels_last: {best_amp:.1f} images/s (goal on an H100 for B4 at 380 px: >= 700)")
-    smoke = smoke_train(args.model, args.size, max(args.batches), 2, 12 * max(args.batches))
-    print(f"smoke  cxrflow.train.train: {smoke['epochs_run']} epochs in {smoke['seconds']} s on {smoke['runtime']['device']} "
+    if outputs > 1:
+        smoke = smoke_train_multilabel(args.model, args.size, max(args.batches), 2, 12 * max(args.batches), outputs)
+        trained = f"cxrflow.multilabel.train_multilabel ({smoke['outputs']} outputs)"
+    else:
+        smoke = smoke_train(args.model, args.size, max(args.batches), 2, 12 * max(args.batches))
+        trained = "cxrflow.train.train"
+    print(f"smoke  {trained}: {smoke['epochs_run']} epochs in {smoke['seconds']} s on {smoke['runtime']['device']} "
           f"({smoke['runtime']['device_name']}), AMP {smoke['runtime']['amp_dtype']}, micro-batch {smoke['micro_batch']} "
           f"of {smoke['effective_batch']}, epoch seconds {smoke['epoch_seconds']}")
-    result = {"device": name, "model": args.model, "size": args.size, "train_images_per_s": rates,
+    result = {"device": name, "model": args.model, "size": args.size, "mode": args.mode, "outputs": outputs,
+              "train_images_per_s": rates,
               "amp_over_fp32": ratios, "loader_images_per_s": loader, "loader_over_fastest_training": loader["loader"] / best,
               "smoke_train": smoke}
     if args.json:

@@ -6,6 +6,16 @@ A restarted job continues from the last finished epoch. Every random draw of an 
 
 On a GPU: mixed precision (bf16 where supported) and channels_last, the effective batch split into micro-batches
 that fit the card (gradient accumulation), and augmentation of whole batches on the device (`BatchAugment`).
+If the card still runs out of memory during a step (another process took memory, a larger input), the micro-batch
+halves and the step is redone (`accumulate_step`) instead of failing the job.
+
+BatchNorm under micro-batches: gradient accumulation makes the optimizer step equal to one on the whole effective
+batch for everything except BatchNorm. Each micro-batch is normalised with its own mean and variance, and the
+running statistics (used at evaluation) are updated once per micro-batch, with the layer's momentum. So with a
+micro-batch smaller than the effective batch, the batch statistics are noisier (a micro-batch of 8 normalises over 8
+images, not 32) and the running averages move more often per step; two cards that pick different micro-batches
+optimize the same loss but not bit for bit the same normalisation. The micro-batch in use is recorded in
+metadata.json (`micro_batch`, and `batchnorm_images` the images each BatchNorm statistic was computed over).
 Importing this module pulls in neither MONAI nor the image decoders, so benchmarks/gpu_train.py runs where only
 torch and timm are installed.
 """
@@ -48,6 +58,16 @@ def git_commit() -> str:
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def git_dirty() -> bool | None:
+    """Whether the working tree differs from the commit (tracked files only); None outside a git checkout."""
+    try:
+        result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                                timeout=10, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(result.stdout.strip()) if result.returncode == 0 else None
 
 
 @dataclass(frozen=True)
@@ -182,7 +202,11 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
 
 
 def pick_micro_batch(model, size: int, effective: int, device: torch.device, amp_dtype) -> int:
-    """The largest power-of-two divisor of the effective batch whose forward+backward fits the card."""
+    """The micro-batch for the card: the effective batch, halved (integer division) until a forward and backward of
+    that many zero images at the training size, under autocast, fits: effective, effective // 2, ..., 1. The result
+    need not divide the effective batch (48 -> 24, 12, 6, 3, 1); the last micro-batch of a step is then smaller, and
+    its loss counts by its share of the batch. On the CPU, the effective batch itself, without a probe. BatchNorm's
+    running statistics are restored after the probe; the gradients are dropped."""
     if device.type != "cuda":
         return effective
     # The probe runs in train mode, which would move BatchNorm's running statistics towards its zero input.
@@ -203,6 +227,41 @@ def pick_micro_batch(model, size: int, effective: int, device: torch.device, amp
         raise RuntimeError("even a micro-batch of 1 does not fit on the GPU")
     finally:
         model.load_state_dict(untouched)
+
+
+def accumulate_step(model, batch_index: torch.Tensor, micro: int, micro_step, optimizer, generator: torch.Generator,
+                    log=print) -> tuple[torch.Tensor, int]:
+    """The gradients of one optimizer step over `batch_index`, in micro-batches of `micro` images (accumulation).
+
+    `micro_step(chunk, weight)` runs the forward and backward pass of one micro-batch (its loss times `weight`, the
+    chunk's share of the batch) and returns that loss. When the card runs out of memory
+    (torch.cuda.OutOfMemoryError), the step's gradients are dropped, BatchNorm's running statistics and the random
+    generator go back to where the step began, the micro-batch halves, and the step is redone: the same images and
+    the same augmentation, as if the smaller micro-batch had been used from the start. A micro-batch of 1 that does
+    not fit is an error. Returns (the loss summed over the batch, the micro-batch now in use).
+    """
+    generator_state = generator.get_state()
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            total = 0.0  # a tensor on the training device after the first micro-batch: no synchronisation per step
+            for chunk in batch_index.split(micro):
+                total = total + micro_step(chunk, len(chunk) / len(batch_index)) * len(batch_index)
+            return total, micro
+        except torch.cuda.OutOfMemoryError:
+            if micro == 1:
+                raise
+        # Outside the handler, so that the traceback's frames (and the activations they hold) are released first.
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        generator.set_state(generator_state)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        micro = max(1, micro // 2)
+        log(f"out of GPU memory: the micro-batch is halved to {micro} and the step redone")
 
 
 def amp_dtype_for(device: torch.device):
@@ -237,6 +296,34 @@ class TrainResult:
     metadata: dict
 
 
+def optimization(model, train_cfg: dict, steps_per_epoch: int, amp_dtype):
+    """AdamW, the cosine schedule with warm-up over the whole run, and the fp16 gradient scaler (off otherwise)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg.get("weight_decay", 1e-4))
+    total = train_cfg["epochs"] * steps_per_epoch
+    scheduler = cosine_with_warmup(optimizer, int(train_cfg.get("warmup_epochs", 1) * steps_per_epoch), total)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return optimizer, scheduler, scaler
+
+
+def resume(checkpoint_path: Path, run_hash: str, model, optimizer, scheduler, scaler, log) -> tuple[list, int, dict]:
+    """(history, first epoch to run, best so far), restoring model and optimizer state from the last finished
+    epoch's checkpoint when it belongs to this configuration (its run hash); a fresh start otherwise."""
+    if not checkpoint_path.exists():
+        return [], 0, {"epoch": -1, "val_auc": -1.0}
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if state.get("run_hash") != run_hash:
+        log(f"ignoring {checkpoint_path}: it belongs to another configuration")
+        return [], 0, {"epoch": -1, "val_auc": -1.0}
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    history = [dict(zip(state["history_columns"], row)) for row in state["history"]]
+    best = {"epoch": int(state["best_epoch"]), "val_auc": float(state["best_val_auc"])}
+    log(f"resuming after epoch {int(state['epoch'])} from {checkpoint_path}")
+    return history, int(state["epoch"]) + 1, best
+
+
 def train(manifest: pd.DataFrame, cache: "TensorCache", cfg: dict, pathology: str, out_dir: str | Path,
           seed: int, log=print) -> TrainResult:
     """Train on the manifest's train split, select on val AUC; writes best.pt and checkpoint.pt into out_dir."""
@@ -267,7 +354,16 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
     model_cfg, train_cfg, image_cfg = cfg["model"], cfg["train"], cfg["image"]
     size, zscore = image_cfg["size"], image_cfg.get("zscore", False)
     train_rows = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    if train_cfg.get("permute_labels", False):
+        # The learning control: labels shuffled among the training images, so nothing but an artefact of the
+        # pipeline can be learned; the test AUC of such a model must be at chance (benchmarks/learning_control.py).
+        shuffled = np.random.default_rng([seed, 7]).permutation(train_rows["label"].to_numpy())
+        train_rows = train_rows.assign(label=shuffled)
+        log(f"CONTROL: the {len(shuffled)} training labels are permuted (train.permute_labels)")
     val_rows = manifest[manifest["split"] == "val"].reset_index(drop=True)
+    if train_cfg.get("permute_labels", False):
+        # Model selection reads the validation labels: permuted too, or choosing the epoch would leak the truth.
+        val_rows = val_rows.assign(label=np.random.default_rng([seed, 8]).permutation(val_rows["label"].to_numpy()))
     train_images = cache.load(train_rows["image_id"])
     val_images = cache.load(val_rows["image_id"])
     labels = torch.tensor(train_rows["label"].to_numpy(), dtype=torch.float32)
@@ -282,28 +378,13 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
     # Whole batches only (the remainder is a different random few each epoch): a batch of one breaks BatchNorm.
     steps_per_epoch = max(1, len(train_rows) // effective)
     epochs = train_cfg["epochs"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg.get("weight_decay", 1e-4))
-    scheduler = cosine_with_warmup(optimizer, int(train_cfg.get("warmup_epochs", 1) * steps_per_epoch), epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    optimizer, scheduler, scaler = optimization(model, train_cfg, steps_per_epoch, amp_dtype)
     weighting = train_cfg.get("weighting", "class")
     weights = torch.tensor(sample_weights(train_rows, weighting), dtype=torch.float32)
     augment = BatchAugment.from_config(train_cfg.get("augment", {}))
 
     checkpoint_path = out_dir / "checkpoint.pt"
-    history, start_epoch, best = [], 0, {"epoch": -1, "val_auc": -1.0}
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("run_hash") == run_hash:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            history = [dict(zip(state["history_columns"], row)) for row in state["history"]]
-            best = {"epoch": int(state["best_epoch"]), "val_auc": float(state["best_val_auc"])}
-            start_epoch = int(state["epoch"]) + 1
-            log(f"resuming after epoch {start_epoch - 1} from {checkpoint_path}")
-        else:
-            log(f"ignoring {checkpoint_path}: it belongs to another configuration")
+    history, start_epoch, best = resume(checkpoint_path, run_hash, model, optimizer, scheduler, scaler, log)
 
     patience = train_cfg.get("early_stopping_patience")
     for epoch in range(start_epoch, epochs):
@@ -316,16 +397,18 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(len(train_rows), generator=generator)
         total_loss = torch.zeros((), device=device)
+
+        def micro_step(chunk, share):
+            x = prepare_batch(train_images[chunk.numpy()], device, zscore, augment, generator, channels_last=use_cuda)
+            y = labels[chunk].to(device, non_blocking=True).unsqueeze(1)
+            w = weights[chunk].to(device, non_blocking=True).unsqueeze(1)
+            loss_fn = functools.partial(torch.nn.functional.binary_cross_entropy_with_logits, weight=w)
+            return forward_backward(model, x, y, loss_fn, amp_dtype, scaler, weight=share)
+
         for step in range(steps_per_epoch):
             batch_index = order[step * effective : (step + 1) * effective]
-            optimizer.zero_grad(set_to_none=True)
-            for chunk in batch_index.split(micro):
-                x = prepare_batch(train_images[chunk.numpy()], device, zscore, augment, generator, channels_last=use_cuda)
-                y = labels[chunk].to(device, non_blocking=True).unsqueeze(1)
-                w = weights[chunk].to(device, non_blocking=True).unsqueeze(1)
-                loss_fn = functools.partial(torch.nn.functional.binary_cross_entropy_with_logits, weight=w)
-                loss = forward_backward(model, x, y, loss_fn, amp_dtype, scaler, weight=len(chunk) / len(batch_index))
-                total_loss += loss * len(batch_index)
+            loss, micro = accumulate_step(model, batch_index, micro, micro_step, optimizer, generator, log)
+            total_loss += loss
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -362,10 +445,13 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
         "epochs_run": len(history),
         "effective_batch": effective,
         "micro_batch": micro,
+        "batchnorm_images": micro,
         "loss_weighting": weighting,
+        "permuted_labels": bool(train_cfg.get("permute_labels", False)),
         "augmentation": {"batched_on_device": True, **asdict(augment)},
         "versions": _versions(),
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "config_hash": run_hash,
         "runtime": {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
