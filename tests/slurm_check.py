@@ -32,8 +32,11 @@ PROFILES = REPO / "profiles"
 TINY_CONFIG = ["config/tiny.yaml", "config/tiny-slurm.yaml"]  # two cohorts: the same checks, a third of the time
 METRICS_TABLE = "results/metrics_table.csv"
 TRAIN_RULE = "train"
-# Jobs that Snakemake may run on the submit host: `all` only collects targets.
-LOCAL_RULES = {"all"}
+# Jobs that Snakemake runs on the submit host: `all` only collects targets, and the rules marked `localrule: True`
+# take seconds (their own cluster job would cost more than the work).
+LOCAL_RULES = {"all"} | set(re.findall(r"^rule (\w+):\n(?:    .*\n|\n)*?    localrule: True",
+                                       "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk")),
+                                       re.MULTILINE))
 # The fake GPUs of .ci/slurm/gres.conf.in.
 FAKE_GPU_IDS = {"0", "1"}
 CLUSTER_KEYS = {"cores", "resources", "executor", "jobs", "default-resources", "set-resources", "set-threads"}
