@@ -27,12 +27,26 @@ def run_synthesize(settings: dict, seed: int, out_dir) -> dict:
     return summary
 
 
-def run_ingest(source: dict, keys_file, privacy: dict, catalog_out, ledger_out, summary_out, base=".", workers=1) -> dict:
+def run_ingest(source: dict, keys_file, privacy: dict, catalog_out, ledger_out, summary_out, private_catalog_out=None,
+               private_ledger_out=None, base=".", workers=1) -> dict:
+    """Reads identifiers (notes, paths, ids, dates): writes them only to the private catalog and ledger
+    (by default ``private/`` beside the shareable outputs); the shareable catalog and ledger hold pseudonyms."""
     from cxrflow.ingest import build_catalog
+    from cxrflow.labels import load_keys
+    from cxrflow.privacy import is_builtin_synthetic, private_catalog, shareable_catalog, source_key, split_ledger
 
-    result = build_catalog(source, keys_file, base=base, privacy=privacy, workers=workers)
-    write_parquet(result.catalog, catalog_out)
-    write_csv(result.ledger, ledger_out)
+    key = source_key(source, base)  # before any work: a real archive without a key stops here
+    demo = is_builtin_synthetic(source, base)
+    result = build_catalog(source, keys_file, base=base, privacy={"demo_key": demo}, workers=workers)
+    private_catalog_out = private_catalog_out or Path(catalog_out).parent / "private" / "catalog.parquet"
+    private_ledger_out = private_ledger_out or Path(ledger_out).parent / "private" / "ledger.csv"
+    private = private_catalog(result.catalog, key)
+    write_parquet(private, private_catalog_out)
+    write_parquet(shareable_catalog(private, load_keys(Path(base) / keys_file), key, privacy), catalog_out)
+    shared_ledger, private_ledger = split_ledger(result.ledger, key)
+    write_csv(shared_ledger, ledger_out)
+    write_csv(private_ledger, private_ledger_out)
+    result.summary.pop("source", None)  # the annotations' path may name the archive's owner
     write_json(result.summary, summary_out)
     log.info("ingest: %s", json.dumps(result.summary))
     return result.summary
@@ -65,7 +79,9 @@ def run_quality(tables, tensors, catalog_path, ingest_ledger, settings: dict, me
         raise RuntimeError("the preprocessing shards do not cover the catalog exactly; rerun the shards")
     judged = apply_rules(metrics, settings)
     write_parquet(judged, metrics_out)
-    thresholds = {metric: settings.get(key) for _, metric, _, key in RULES}
+    thresholds = {}  # p50 has two (too_dark, too_bright): a list per metric
+    for _, metric, _, key in RULES:
+        thresholds.setdefault(metric, []).append(settings.get(key))
     quality_histograms(judged, thresholds, summary_png)
     contact_sheets(judged, {int(Path(t).stem.split("_")[-1]): t for t in tensors}, sheets_dir)
     rejected = judged.loc[~judged["qc_pass"]]
@@ -80,17 +96,23 @@ def run_quality(tables, tensors, catalog_path, ingest_ledger, settings: dict, me
 
 
 def run_cohort(catalog_path, quality_path, keys_file, cohorts: dict, pathology: str, seed: int, cohort_out, flow_out,
-               figure_out=None) -> None:
-    """One cohort: its rows (image_id, patient_id, label), its flow table and, given figure_out, its CONSORT diagram.
-    quality_path may be None (cohorts.filters.require_qc_pass: false, e.g. metadata-only runs)."""
-    from cxrflow.cohorts import COHORT_COLUMNS, build_cohort
+               figure_out=None, duplicates_path=None) -> None:
+    """One cohort: its rows (image_id, patient_id, label, selected: see build_cohort's with_pool), its flow table and,
+    given figure_out, its CONSORT diagram. quality_path may be None (cohorts.filters.require_qc_pass: false, e.g.
+    metadata-only runs); duplicates_path (image_id, group) is given with split.duplicates: drop."""
+    import pyarrow.parquet as pq
+
+    from cxrflow.cohorts import COHORT_COLUMNS, OPTIONAL_COLUMNS, build_cohort
     from cxrflow.figures import consort_figure
     from cxrflow.labels import load_keys
 
     keys = load_keys(keys_file)
-    catalog = pd.read_parquet(catalog_path, columns=COHORT_COLUMNS + keys)  # not the report texts: they are large
+    present = set(pq.read_schema(catalog_path).names)
+    columns = COHORT_COLUMNS + keys + [c for c in OPTIONAL_COLUMNS if c in present]
+    catalog = pd.read_parquet(catalog_path, columns=columns)  # not the report texts: they are large
     quality = pd.read_parquet(quality_path, columns=["image_id", "qc_pass"]) if quality_path else None
-    cohort, flow = build_cohort(catalog, quality, cohorts, pathology, keys, seed)
+    duplicates = pd.read_parquet(duplicates_path, columns=["image_id", "group"]) if duplicates_path else None
+    cohort, flow = build_cohort(catalog, quality, cohorts, pathology, keys, seed, duplicates=duplicates, with_pool=True)
     write_parquet(cohort, cohort_out)
     write_csv(flow, flow_out)
     if figure_out:
@@ -113,15 +135,22 @@ def run_cohort_flows(flow_files, summary_out, figure_out) -> None:
     flow_figure(flows, figure_out)
 
 
-def run_split(cohort_path, split: dict, seed: int, pathology: str, manifest_out) -> None:
+def run_split(cohort_path, split: dict, seed: int, pathology: str, manifest_out, duplicates_path=None) -> None:
+    """The manifest of one cohort; duplicates_path (image_id, group) is given with split.duplicates: group."""
     from cxrflow.splits import patient_exclusive_split
 
-    manifest = patient_exclusive_split(pd.read_parquet(cohort_path), split, seed, pathology)
+    duplicates = pd.read_parquet(duplicates_path, columns=["image_id", "group"]) if duplicates_path else None
+    manifest = patient_exclusive_split(pd.read_parquet(cohort_path), split, seed, pathology, duplicates)
     write_csv(manifest, manifest_out)
     by = ["split", "fold"] if "fold" in manifest.columns else ["split"]
     counts = manifest.groupby(by + ["label"], dropna=False).size().unstack(fill_value=0)
     patients = manifest.groupby(by, dropna=False)["patient_id"].nunique().rename("patients")
     log.info("split %s (images per label, and patients):\n%s", pathology, counts.join(patients).to_string())
+    if duplicates is not None:
+        linked = manifest.merge(duplicates.drop_duplicates("image_id"), on="image_id")
+        spanning = linked.groupby("group")["patient_id"].nunique().gt(1).sum()
+        log.info("split %s: %d images in %d duplicate groups, %d of them across patients (kept in one split)", pathology,
+                 len(linked), linked["group"].nunique(), spanning)
 
 
 def run_train(manifest_path, index_path, tensor_files, config: dict, pathology: str, model_out, metadata_out, history_out) -> None:
@@ -137,29 +166,96 @@ def run_train(manifest_path, index_path, tensor_files, config: dict, pathology: 
 
 def run_evaluate(model_path, metadata_path, manifest_path, index_path, tensor_files, config: dict, pathology: str,
                  metrics_out, predictions_out, roc_out, *, history_path=None, confusion_out=None, curves_out=None,
-                 gradcam_out=None) -> dict:
-    """Predict val and test on the CPU; Table 1 metrics on test (threshold from val); the per-pathology figures."""
+                 gradcam_out=None, catalog_path=None, reliability_out=None, threshold_out=None, subgroups_out=None) -> dict:
+    """Predict val and test on the CPU; Table 1 and clinical metrics on test (threshold from val), calibration and,
+    given the catalog, subgroups and the metadata baseline; the per-pathology figures. threshold_out (in the model
+    folder) records the decision threshold and the temperature that go with the model."""
     import torch
 
+    from cxrflow.calibration import (TEMPERATURE_BOUNDS, apply_temperature, expected_calibration_error, fit_temperature,
+                                     plot_reliability)
     from cxrflow.evaluate import evaluate_predictions, plot_confusion, plot_roc_pr, plot_training_curves
-    from cxrflow.models import load_trained
+    from cxrflow.multilabel import load_for_pathology
     from cxrflow.tensors import TensorCache
     from cxrflow.train import predict
 
+    settings = config["evaluate"]
     metadata = json.loads(Path(metadata_path).read_text())
     manifest = pd.read_csv(manifest_path, dtype={"image_id": str, "patient_id": str})
     rows = manifest[manifest["split"].isin(["val", "test"])].reset_index(drop=True)
     cache = TensorCache.open(index_path, tensor_files)
-    model = load_trained(model_path, metadata["architecture"])
+    model = load_for_pathology(model_path, metadata, pathology)  # a binary model, or its output of the multi-label one
     zscore = metadata["input"]["zscore"]
     probs = predict(model, cache.load(rows["image_id"]), torch.device("cpu"), zscore)
     predictions = rows.assign(prob=np.round(probs, 6))
-    metrics = evaluate_predictions(predictions, config["evaluate"]["bootstrap"], config["seed"])
-    metrics.update({"pathology": pathology, "best_epoch": metadata["best_epoch"], "model": metadata["architecture"]})
+    catalog = None
+    if catalog_path:
+        from cxrflow.baselines import ORDER_COLUMNS, metadata_baseline, metadata_features
+
+        wanted = ["image_id", "patient_id", "age", "view", "sex", "manufacturer", "site", *ORDER_COLUMNS]
+        columns = [c for c in wanted if c in _parquet_columns(catalog_path)]
+        catalog = pd.read_parquet(catalog_path, columns=columns)
+        catalog["image_id"] = catalog["image_id"].astype(str)
+        baseline, features = metadata_baseline(manifest, metadata_features(catalog))
+        predictions["baseline_prob"] = np.round(baseline[manifest["split"].isin(["val", "test"]).to_numpy()], 6)
+    prevalence = settings.get("prevalence")
+    metrics = evaluate_predictions(predictions, settings["bootstrap"], config["seed"], prevalence=prevalence,
+                                   reference="baseline_prob" if catalog is not None else None)
+    metrics.update({"pathology": pathology, "mode": metadata.get("mode", "binary"), "best_epoch": metadata["best_epoch"],
+                    "model": metadata["architecture"],
+                    "permuted_labels": metadata.get("permuted_labels", False)})
+
+    bins = settings.get("calibration_bins", 10)
+    val, test = predictions[predictions["split"] == "val"], predictions[predictions["split"] == "test"]
+    temperature = fit_temperature(val["label"], val["prob"]) if settings.get("temperature_scaling", False) else None
+    metrics["calibration"] = {"bins": bins, "ece": expected_calibration_error(test["label"], test["prob"], bins),
+                              "temperature": temperature, "test_prevalence": metrics["test_prevalence"]}
+    calibrated = None
+    if temperature is not None:
+        # A validation split that the model separates perfectly (or not at all) has no finite best temperature.
+        metrics["calibration"]["temperature_at_bound"] = bool(np.isclose(temperature, TEMPERATURE_BOUNDS, rtol=1e-3).any())
+        predictions["prob_calibrated"] = np.round(apply_temperature(predictions["prob"], temperature), 6)
+        calibrated = predictions.loc[predictions["split"] == "test", "prob_calibrated"]
+        metrics["calibration"]["ece_temperature_scaled"] = expected_calibration_error(test["label"], calibrated, bins)
+    if catalog is not None:
+        from cxrflow.evaluate import patient_bootstrap_auc
+        from cxrflow.metrics import weighted_auc
+        from cxrflow.subgroups import subgroup_table
+
+        difference = metrics.pop("reference_auc_difference")
+        metrics["baseline"] = {
+            "model": "logistic regression on metadata alone, fitted on the train split", "features": features,
+            "auc": weighted_auc(test["label"], test["baseline_prob"]),
+            "auc_ci95": list(patient_bootstrap_auc(test["label"], test["baseline_prob"], test["patient_id"],
+                                                   settings["bootstrap"], config["seed"])),
+            "auc_difference": difference["value"], "auc_difference_ci95": difference["ci95"],
+            # The network "beats" the baseline when the paired interval of the difference excludes 0.
+            "network_beats_baseline": bool(difference["ci95"][0] > 0),
+        }
+        test_meta = test.merge(catalog.drop(columns=["patient_id", *ORDER_COLUMNS], errors="ignore"), on="image_id", how="left")
+        groups = subgroup_table(test_meta, settings.get("age_bands", [40, 60, 80]), settings.get("min_subgroup_patients", 10),
+                                settings["bootstrap"], config["seed"])
+        metrics["subgroups"] = groups.astype(object).where(groups.notna(), None).to_dict("records")
+        metrics["min_subgroup_patients"] = settings.get("min_subgroup_patients", 10)
+        if subgroups_out:
+            write_csv(groups.round(4), subgroups_out)
     write_csv(predictions, predictions_out)
     write_json(metrics, metrics_out)
+    if threshold_out:
+        from cxrflow.model_card import strict_json
+
+        write_json(strict_json({
+            "pathology": pathology, "threshold": metrics["threshold"],
+            "applies_to": "sigmoid(logit), the model's raw probability",
+            "chosen_on": "the validation split, maximising Youden's J (sensitivity + specificity - 1)",
+            "temperature": temperature,
+            "calibrated_probability": "sigmoid(logit / temperature)" if temperature is not None else None,
+            "threshold_calibrated": float(apply_temperature(metrics["threshold"], temperature)) if temperature is not None else None,
+        }), threshold_out)
     title = config["cohorts"]["pathologies"][pathology].get("name", {}).get("en", pathology)
     plot_roc_pr(predictions, title, roc_out)
+    if reliability_out:
+        plot_reliability(test["label"], test["prob"], title, reliability_out, bins, calibrated)
     if confusion_out:
         plot_confusion(metrics, title, confusion_out)
     if curves_out:
@@ -168,25 +264,58 @@ def run_evaluate(model_path, metadata_path, manifest_path, index_path, tensor_fi
         from cxrflow.gradcam import grad_cam, pick_examples, plot_gradcam
         from cxrflow.train import prepare_batch
 
-        per_kind = config["evaluate"].get("gradcam_examples", 4)
+        per_kind = settings.get("gradcam_examples", 4)
         examples = pick_examples(predictions[predictions["split"] == "test"], metrics["threshold"], per_kind)
         images = cache.load(examples["image_id"])
         heat, grid = np.zeros(images.shape), None
         if len(examples):
             heat, _, grid = grad_cam(model, prepare_batch(images, torch.device("cpu"), zscore))
         plot_gradcam(images, heat, examples, metrics["threshold"], title, gradcam_out, per_kind, grid)
-    log.info("evaluate %s: %s", pathology, json.dumps(metrics))
+    log.info("evaluate %s: %s", pathology, json.dumps(metrics, default=str))
     return metrics
 
 
-def run_collect(metric_files, manifest_files, prediction_files, pathologies, names, table_out, markdown_out, roc_out) -> None:
-    from cxrflow.report import metrics_table, plot_all_roc, to_markdown
+def _parquet_columns(path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(path).names)
+
+
+def run_model_card(metadata_path, threshold_path, metrics_path, flow_path, manifest_path, config: dict, pathology: str,
+                   card_out, json_out) -> dict:
+    from cxrflow.model_card import build_card, card_markdown
+
+    card = build_card(json.loads(Path(metadata_path).read_text()), json.loads(Path(threshold_path).read_text()),
+                      json.loads(Path(metrics_path).read_text()), pd.read_csv(flow_path),
+                      pd.read_csv(manifest_path, dtype={"image_id": str, "patient_id": str}), config, pathology)
+    write_json(card, json_out)
+    write_text(card_markdown(card), card_out)
+    return card
+
+
+def run_collect(metric_files, manifest_files, prediction_files, pathologies, names, table_out, markdown_out, roc_out, *,
+                clinical_out=None, clinical_markdown_out=None, subgroup_files=None, subgroups_out=None,
+                subgroups_markdown_out=None, min_subgroup_patients: int = 10, card_files=None) -> None:
+    from cxrflow.report import (clinical_markdown, clinical_table, metrics_table, plot_all_roc, subgroups_markdown,
+                                subgroups_table, to_markdown)
 
     table = metrics_table(dict(zip(pathologies, metric_files)), dict(zip(pathologies, manifest_files)), names)
     write_csv(table.round(4), table_out)
     write_text(to_markdown(table), markdown_out)
     plot_all_roc(dict(zip(pathologies, prediction_files)), names, roc_out)
     log.info("metrics table:\n%s", table.to_string(index=False))
+    if clinical_out:
+        clinical = clinical_table(dict(zip(pathologies, metric_files)), names)
+        write_csv(clinical.round(4), clinical_out)
+        # Links relative to results/, where the tables are written.
+        links = {p: str(Path(c).relative_to("results")) if Path(c).is_relative_to("results") else str(c)
+                 for p, c in zip(pathologies, card_files or [])}
+        write_text(clinical_markdown(clinical, links), clinical_markdown_out)
+        log.info("clinical table:\n%s", clinical.to_string(index=False))
+    if subgroups_out:
+        groups = subgroups_table(dict(zip(pathologies, subgroup_files)), names)
+        write_csv(groups, subgroups_out)
+        write_text(subgroups_markdown(groups, min_subgroup_patients), subgroups_markdown_out)
 
 
 def run_predict(image_dir, model_files, metadata_files, metric_files, pathologies, quality: dict, probabilities_out) -> pd.DataFrame:
@@ -198,3 +327,84 @@ def run_predict(image_dir, model_files, metadata_files, metric_files, pathologie
     table = predict_folder(image_dir, models, quality, thresholds, log=log.info)
     write_csv(table, probabilities_out)
     return table
+
+
+def _scan_notes(catalog_path, vocabulary, keys_file):
+    """Each distinct note and sentence of the catalog labelled once (cxrflow.label_audit.scan_archive)."""
+    from cxrflow.errors import CxrflowError
+    from cxrflow.label_audit import read_distinct_notes, scan_distinct_notes
+    from cxrflow.labels import load_keys, load_vocabulary
+
+    if not vocabulary:
+        raise CxrflowError("source.vocabulary: label coverage and audit need free-text notes (source.format freetext, "
+                           "or dicom with annotations); this source's labels come from its label map")
+    keys = load_keys(keys_file)
+    vocab = load_vocabulary(vocabulary, keys)
+    return scan_distinct_notes(*read_distinct_notes(catalog_path), vocab, keys), vocab
+
+
+def run_label_coverage(catalog_path, vocabulary, keys_file, settings: dict, coverage_out, unmatched_out,
+                       near_misses_out) -> pd.DataFrame:
+    """Reads identifiers: the notes of the private catalog. The coverage table holds counts only; the unmatched
+    notes and sentences and the near-miss words hold note text and belong under results/private/."""
+    import time
+
+    from cxrflow.label_audit import coverage_table, near_miss_words, unmatched_text
+
+    started = time.perf_counter()
+    scan, _ = _scan_notes(catalog_path, vocabulary, keys_file)
+    coverage = coverage_table(scan)
+    write_csv(coverage, coverage_out)
+    write_csv(unmatched_text(scan, settings["coverage_top"]), unmatched_out)
+    near = near_miss_words(scan, settings["near_miss_distance"], settings["near_miss_min_length"],
+                           settings["coverage_top"])
+    write_csv(near, near_misses_out)
+    summary = coverage[coverage["key"] == ""].set_index("measure")[["count", "distinct"]]
+    log.info("label coverage in %.1f s (counts only; the text is in the private files):\n%s",
+             time.perf_counter() - started, summary.to_string())
+    return coverage
+
+
+def run_label_audit_sheets(catalog_path, vocabulary, keys_file, per_state: dict, seed: int, sheet_files) -> None:
+    """Reads identifiers: the notes of the private catalog. Each sheet holds note text (results/private/); it is
+    UTF-8 with a byte-order mark, so that a spreadsheet opens the Cyrillic as it is."""
+    from cxrflow.io import atomic_path
+    from cxrflow.label_audit import audit_sheets
+
+    scan, vocab = _scan_notes(catalog_path, vocabulary, keys_file)
+    sheets = audit_sheets(scan, vocab, per_state, seed)
+    for path in map(Path, sheet_files):
+        with atomic_path(path) as tmp:
+            sheets[path.stem].to_csv(tmp, index=False, encoding="utf-8-sig")
+    log.info("audit sheets: rows per key and state (no text here):\n%s",
+             pd.concat(sheets.values()).groupby(["key", "state"]).size().unstack(fill_value=0).to_string())
+
+
+def run_label_audit_precision(folder, verdict_files, keys_file, precision_out) -> pd.DataFrame:
+    """Reads the filled audit sheets (note text) in `folder`; writes each key's judged and correct counts, the
+    proportion correct and its Wilson 95% interval (on the affirmed rows: the key's precision)."""
+    from cxrflow.errors import CxrflowError
+    from cxrflow.label_audit import precision_table, read_verdicts
+    from cxrflow.labels import load_keys
+
+    if not folder or not Path(folder).is_dir():
+        raise CxrflowError(f"labels.audit_verdicts: no such folder: {folder!r}; put the filled audit sheets there")
+    if not verdict_files:
+        raise CxrflowError(f"labels.audit_verdicts: {folder} holds no .csv or .xlsx audit sheet")
+    table = precision_table(read_verdicts(verdict_files, load_keys(keys_file)), load_keys(keys_file))
+    write_csv(table, precision_out)
+    log.info("audit precision:\n%s", table.to_string(index=False))
+    return table
+
+
+def run_duplicates(tables, near_bits: int | None, duplicates_out) -> pd.DataFrame:
+    """Exact and near duplicate images across all shards (see cxrflow.duplicates); the split keeps groups together."""
+    from cxrflow.duplicates import duplicate_summary, find_duplicates
+
+    columns = ["image_id", "content_hash", "pixel_hash", "phash"]
+    frames = [pd.read_parquet(t) for t in tables]
+    fingerprints = pd.concat([f.reindex(columns=columns) for f in frames], ignore_index=True)
+    duplicates = find_duplicates(fingerprints, near_bits)
+    write_parquet(duplicates, duplicates_out)
+    log.info("duplicates: %s", json.dumps(duplicate_summary(duplicates)))
+    return duplicates
