@@ -53,7 +53,7 @@ def build_data(out: Path) -> dict:
     source = {**config["source"], "annotations": str(out / "synthetic" / "annotations.csv"), "images": str(out / "synthetic"),
               "vocabulary": str(ROOT / config["source"]["vocabulary"])}
     keys_file = ROOT / "config" / "labels" / "keys.yaml"
-    catalog = build_catalog(source, keys_file, base="/", privacy={"demo_key": True}).catalog
+    catalog = build_catalog(source, keys_file, base="/").catalog
     table = preprocess_shard(catalog, 0, 1, 32, {}, out / "shard_0000.npy", out / "index.parquet")
     quality = apply_rules(table, {"dark_p50": 0.08, "bright_p50": 0.92, "blank_std": 0.02, "max_line_score": 0.35})
     cohort, _ = build_cohort(catalog, quality, COHORTS, PATHOLOGY, load_keys(keys_file), seed=42)

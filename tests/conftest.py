@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,13 @@ def keys_file() -> Path:
     return ROOT / "config" / "labels" / "keys.yaml"
 
 
+# A pseudonym key for every test, module and session fixtures included (they run before function fixtures); the
+# tests of the missing-key error remove it themselves.
+os.environ.setdefault("CXRFLOW_PSEUDONYM_KEY", "test-key")
+
+
 @pytest.fixture(autouse=True)
-def _demo_pseudonym_key(monkeypatch):
+def _test_pseudonym_key(monkeypatch):
     monkeypatch.setenv("CXRFLOW_PSEUDONYM_KEY", "test-key")
 
 

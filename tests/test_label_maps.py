@@ -105,7 +105,7 @@ def real_catalog(shared_data, root, fmt, table, map_name, columns):
     """The catalog of a real table (each module builds it once), and the table's own columns to check it by."""
     source = {"format": fmt, "annotations": str(shared_data / table), "check_files": False,
               "label_map": str(root / f"config/labels/{map_name}.yaml")}
-    result = build_catalog(source, root / "config/labels/keys.yaml", base="/", privacy={"demo_key": True})
+    result = build_catalog(source, root / "config/labels/keys.yaml", base="/")
     return result, pd.read_csv(shared_data / table, usecols=columns)
 
 

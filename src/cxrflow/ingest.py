@@ -45,7 +45,7 @@ from cxrflow.io import YAML_LOADER
 from cxrflow.table_checks import (RecordLines, bom_codec, check_not_binary, leading_blank_lines, long_record_error,
                                   read_text_file, wide_text_as_utf8)
 from cxrflow.labels import AFFIRMED, NEGATED, UNCERTAIN, UNMENTIONED, label_texts, load_keys, load_vocabulary
-from cxrflow.privacy import pseudonym_key, pseudonymize
+from cxrflow.privacy import pseudonymize, source_key
 
 # quality_tag: 1 when the dataset itself tags the image to be left out (a label map's `quality_tags`, e.g.
 # PadChest 'exclude', 'suboptimal study'); 0 otherwise, and for sources that have no such tags.
@@ -1146,15 +1146,14 @@ ADAPTERS = {
 
 # --- the shared part -------------------------------------------------------------------------------------------
 
-def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", privacy: dict | None = None,
-                  workers: int = 1) -> Ingested:
+def build_catalog(source: dict, keys_file: str | Path, base: str | Path = ".", workers: int = 1) -> Ingested:
     """Run the configured adapter, then apply the rules every source shares, counting every row left out."""
     base = Path(base)
     fmt = source.get("format")
     if fmt not in ADAPTERS:
         raise CxrflowError(f"source.format: unknown format {fmt!r}; choose one of {list(ADAPTERS)}")
     keys = load_keys(base / keys_file)
-    key = pseudonym_key((privacy or {}).get("demo_key", False))  # a missing key is a config error: fail early
+    key = source_key(source, base)  # the demo key only for the built-in synthetic archive; fail early without one
     report = Report(source=str(source.get("annotations") or source.get("images") or ""), workers=workers)
     frame = ADAPTERS[fmt](source, keys, base, report).reset_index(drop=True)
     n_read = len(frame)

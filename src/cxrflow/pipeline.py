@@ -33,11 +33,10 @@ def run_ingest(source: dict, keys_file, privacy: dict, catalog_out, ledger_out, 
     (by default ``private/`` beside the shareable outputs); the shareable catalog and ledger hold pseudonyms."""
     from cxrflow.ingest import build_catalog
     from cxrflow.labels import load_keys
-    from cxrflow.privacy import is_builtin_synthetic, private_catalog, shareable_catalog, source_key, split_ledger
+    from cxrflow.privacy import private_catalog, shareable_catalog, source_key, split_ledger
 
     key = source_key(source, base)  # before any work: a real archive without a key stops here
-    demo = is_builtin_synthetic(source, base)
-    result = build_catalog(source, keys_file, base=base, privacy={"demo_key": demo}, workers=workers)
+    result = build_catalog(source, keys_file, base=base, workers=workers)
     private_catalog_out = private_catalog_out or Path(catalog_out).parent / "private" / "catalog.parquet"
     private_ledger_out = private_ledger_out or Path(ledger_out).parent / "private" / "ledger.csv"
     private = private_catalog(result.catalog, key)
