@@ -376,9 +376,10 @@ def test_values_within_bits_stored_are_not_flagged(tmp_path):
     assert decode_image(path).meta["bits_overflow"] == pytest.approx(4 / 256)
 
 
-@pytest.mark.parametrize("top, bits", [(1000, 10), (4095, 12), (3000, 12), (16000, 14), (40000, 16)])
+@pytest.mark.parametrize("top, bits", [(1000, 10), (4095, 12), (3500, 12), (16000, 14), (40000, 16), (2600, 16)])
 def test_sixteen_bit_png_is_scaled_by_the_bits_it_uses(tmp_path, top, bits):
-    """12-bit detector data saved as 16-bit PNG is scaled by 0..4095, not 0..65535 (where it looks black)."""
+    """12-bit detector data saved as 16-bit PNG is scaled by 0..4095, not 0..65535 (where it looks black); an
+    underexposed 16-bit film, whose brightest pixel stays under the top quarter of 12 bits, keeps 0..65535."""
     arr = np.linspace(0, top, 32 * 32).reshape(32, 32).astype(np.uint16)
     path = tmp_path / "export.png"
     Image.fromarray(arr).save(path)
