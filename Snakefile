@@ -24,6 +24,7 @@ include: "workflow/rules/multilabel.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/predict.smk"
+include: "workflow/rules/external.smk"
 
 
 rule all:
@@ -37,3 +38,4 @@ rule all:
         "results/cohorts/flow_summary.csv",
         "results/quality/summary.png",
         label_targets(),
+        external_targets(),

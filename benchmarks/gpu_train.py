@@ -6,11 +6,12 @@
 The training steps are those of cxrflow.train (`prepare_batch`, `forward_backward`, AdamW, the weighted BCE
 loss), on a batch already on the device, so that they measure what the GPU consumes. The loader is measured on
 its own, in the same run, as two parts and their sum:
-  * cache read: random batches read from a memory-mapped tensor cache (`TensorCache.load`), the uint8 images
-    written here to a temporary folder in the pipeline's own shard format;
-  * batch pipeline: what train.py does per step: index the epoch's images in RAM, send the uint8 batch to the
-    device, convert, augment (`BatchAugment`, on the device) and z-score;
-  * loader: both, as if every batch were read from the cache (train.py reads the cache once per run).
+  * cache read: random batches read from a memory-mapped tensor cache as training reads them
+    (`cxrflow.datasets.read_batches`, with the loader workers a GPU gets), the uint8 images written here to a
+    temporary folder in the pipeline's own shard format;
+  * batch pipeline: what train.py does per step with a batch read: send the uint8 batch to the device, convert,
+    augment (`BatchAugment`, on the device) and z-score;
+  * loader: both in sequence (a lower bound: on a GPU the workers read the next batches while the card computes).
 It prints images/s for each, the ratio AMP + channels_last / fp32 NCHW at each batch size, and the loader's
 ratio to the fastest training rate. Goals (issue 6): AMP + channels_last >= 1.5x fp32 NCHW; >= 700 images/s for
 B4 at 380 px on an H100; the loader >= 3x what the GPU consumes. Last, a smoke run of `cxrflow.train.train` itself
@@ -44,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cxrflow.models import build_model  # noqa: E402
 from cxrflow.multilabel import build_multilabel_model, masked_bce  # noqa: E402
-from cxrflow.train import BatchAugment, amp_dtype_for, forward_backward, prepare_batch  # noqa: E402
+from cxrflow.inference import amp_dtype_for, prepare_batch  # noqa: E402
+from cxrflow.train import BatchAugment, forward_backward  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -124,7 +126,9 @@ def write_cache(folder: Path, n: int, size: int) -> tuple[Path, list[Path]]:
 
 
 def loader_rates(size: int, batch: int, n_images: int, batches: int, device) -> dict:
-    """Images/s of the cache read, of the per-step batch pipeline, and of both together."""
+    """Images/s of the cache read as training reads it (`cxrflow.datasets.read_batches`: random batches, with the
+    loader workers this device gets), of the per-step batch pipeline, and of both together."""
+    from cxrflow.datasets import loader_workers, read_batches
     from cxrflow.tensors import TensorCache
 
     rng = np.random.default_rng(2)
@@ -134,16 +138,18 @@ def loader_rates(size: int, batch: int, n_images: int, batches: int, device) -> 
         index, shards = write_cache(Path(tmp), n_images, size)
         cache = TensorCache.open(index, shards)
         ids = cache.index.index.to_numpy()
-        cache.load(ids)  # the page cache is warm in training too, after the first epoch
+        for shard in shards:  # the page cache is warm in training too, after the first epoch
+            shard.read_bytes()
+        chosen = [rng.choice(len(ids), batch, replace=False) for _ in range(batches + 1)]
+        reader = read_batches(cache, ids, chosen, loader_workers(device), pin_memory=device.type == "cuda")
+        batches_read = [next(reader)]  # the workers' start is not the rate
         started = time.perf_counter()
-        for _ in range(batches):
-            cache.load(ids[rng.choice(len(ids), batch, replace=False)])
+        batches_read += list(reader)
         read = batches * batch / (time.perf_counter() - started)
-        in_ram = cache.load(ids)  # what train.py holds for an epoch
 
     def pipeline_step():
-        chosen = np.sort(rng.choice(len(in_ram), batch, replace=False))
-        return prepare_batch(in_ram[chosen], device, zscore=True, augment=augment, generator=generator,
+        images = batches_read[int(rng.integers(len(batches_read)))]
+        return prepare_batch(images, device, zscore=True, augment=augment, generator=generator,
                              channels_last=device.type == "cuda")
 
     pipeline = images_per_second(pipeline_step, batch, batches, 1, device)

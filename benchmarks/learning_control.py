@@ -46,7 +46,7 @@ def build_data(out: Path) -> dict:
     from cxrflow.quality import apply_rules
     from cxrflow.splits import patient_exclusive_split
     from cxrflow.synthetic import generate
-    from cxrflow.tensors import preprocess_shard
+    from cxrflow.preprocess import preprocess_shard
 
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     generate(out / "synthetic", n_patients=400, seed=11, image_size=64)

@@ -79,8 +79,10 @@ def synthetic(args) -> dict:
                                     train_multilabel, training_table)
     from cxrflow.quality import apply_rules
     from cxrflow.synthetic import generate
-    from cxrflow.tensors import TensorCache, preprocess_shard
-    from cxrflow.train import predict, train
+    from cxrflow.preprocess import preprocess_shard
+    from cxrflow.tensors import TensorCache
+    from cxrflow.inference import predict
+    from cxrflow.train import train
 
     os.environ.setdefault("CXRFLOW_PSEUDONYM_KEY", "benchmark-key")
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
@@ -185,7 +187,7 @@ def nih_data(tmp: Path, size: int):
     from cxrflow.ingest import build_catalog
     from cxrflow.labels import load_keys
     from cxrflow.quality import apply_rules
-    from cxrflow.tensors import preprocess_shard
+    from cxrflow.preprocess import preprocess_shard
 
     labels = pd.read_csv(SHARED / "nih1000" / "labels.csv", dtype=str)
     pd.DataFrame({"Image Index": labels["image_path"], "Finding Labels": labels["finding_labels"],
@@ -222,7 +224,8 @@ def nih_cross_validate(mode: str, recipe: dict, data, folds: np.ndarray, size: i
     from cxrflow.models import load_trained
     from cxrflow.multilabel import load_multilabel, pathology_predictions, train_multilabel, training_table
     from cxrflow.tensors import TensorCache
-    from cxrflow.train import predict, train
+    from cxrflow.inference import predict
+    from cxrflow.train import train
 
     catalog, cohort, aux, passed, index, shards = data
     cache = TensorCache.open(index, shards)

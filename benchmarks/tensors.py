@@ -5,7 +5,7 @@ on real radiographs), uncompressed and JPEG 2000 / JPEG-LS lossless compressed, 
 files and in one process on one core (CPU time, so that other load on the machine does not count):
 
   decode   cxrflow.decode.decode_image alone
-  cxrflow  cxrflow.tensors.process_image: decode + QC metrics + resize/clip/uint8 tensor
+  cxrflow  cxrflow.preprocess.process_image: decode + QC metrics + resize/clip/uint8 tensor
   monai    LoadImage + ScaleIntensity + Resize, which computes no QC
   epoch    one training epoch from the tensor cache: TensorCache.load in shuffled batches, as model input
 
@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # benchmar
 
 from cxrflow.decode import decode_image  # noqa: E402
 from cxrflow.synthetic import render  # noqa: E402
-from cxrflow.tensors import TensorCache, preprocess_shard, process_image  # noqa: E402
+from cxrflow.preprocess import preprocess_shard, process_image  # noqa: E402
+from cxrflow.tensors import TensorCache  # noqa: E402
 
 # (name, transfer syntax UID). JPEG Lossless (Process 14) has no encoder in pydicom, so JPEG-LS stands in.
 FORMATS = {

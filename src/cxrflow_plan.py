@@ -8,6 +8,7 @@ Snakemake (`--sdm conda`), and the package imports these decisions from here, so
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -136,6 +137,18 @@ def pseudonym_key(allow_demo_key: bool) -> bytes:
     raise CxrflowError(
         "privacy: no pseudonym key for a real archive. Set CXRFLOW_PSEUDONYM_KEY, or CXRFLOW_PSEUDONYM_KEY_FILE "
         "naming a file outside the repository (the public demo key serves only the built-in synthetic archive)")
+
+
+def mac_key(key: bytes) -> bytes:
+    """The key as BLAKE2b's MAC mode takes it (at most 64 bytes)."""
+    return key if len(key) <= 64 else hashlib.sha256(key).digest()
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A keyed hash of a fixed text: it changes with the key and tells no more about it than any pseudonym does.
+    The ingest rule takes it as a parameter, so that Snakemake reruns the label branch (and no decode) when the
+    key changes."""
+    return hashlib.blake2b(b"key-fingerprint\x00", key=mac_key(key), digest_size=8).hexdigest()
 
 
 def source_key(source: dict, base=".", written: bool = True) -> bytes:

@@ -53,7 +53,7 @@ def tiny_pipeline(tmp_path_factory):
     from cxrflow.quality import apply_rules
     from cxrflow.splits import patient_exclusive_split
     from cxrflow.synthetic import generate
-    from cxrflow.tensors import preprocess_shard
+    from cxrflow.preprocess import preprocess_shard
 
     os.environ.setdefault("CXRFLOW_PSEUDONYM_KEY", "test-key")
     out = tmp_path_factory.mktemp("tiny")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cxrflow.duplicates import NEAR_BITS, duplicate_summary, find_duplicates, hamming_matrix, near_pairs
-from cxrflow.tensors import process_image
+from cxrflow.preprocess import process_image
 
 
 def fingerprints(paths: dict, size=64) -> pd.DataFrame:

@@ -250,7 +250,7 @@ def env_pins(env_file: Path) -> dict[str, str]:
 
 def test_reached_code_follows_the_package():
     """The derivation itself: training reaches torch through cxrflow.train, and predict reaches pydicom through
-    cxrflow.predict -> cxrflow.tensors -> cxrflow.decode, so it needs the DICOM decoders."""
+    cxrflow.predict -> cxrflow.preprocess -> cxrflow.decode, so it needs the DICOM decoders."""
     scripts = ROOT / "workflow" / "scripts"
     assert {"torch", "timm", "monai", "safetensors"} <= distributions_needed(scripts / "train.py")
     assert {"pydicom", "pylibjpeg-libjpeg", "pyjpegls"} <= distributions_needed(scripts / "predict.py")

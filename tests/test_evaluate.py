@@ -190,7 +190,8 @@ def test_nih1000_women_cardiomegaly_on_the_cpu(shared_data, root, tmp_path, monk
     from cxrflow.labels import load_keys
     from cxrflow.pipeline import run_evaluate, run_train
     from cxrflow.quality import apply_rules
-    from cxrflow.tensors import TensorCache, preprocess_shard
+    from cxrflow.preprocess import preprocess_shard
+    from cxrflow.tensors import TensorCache
 
     monkeypatch.setenv("CXRFLOW_PSEUDONYM_KEY", "test-key")
     labels = pd.read_csv(shared_data / "nih1000" / "labels.csv", dtype=str)
@@ -263,3 +264,21 @@ def test_nih1000_women_cardiomegaly_on_the_cpu(shared_data, root, tmp_path, monk
     # Above chance, with room: the measured mean is about 0.65. The issue's 0.70 is not reached under
     # cross-validation by a network trained from scratch on 13 positive women (the closing note says so).
     assert np.mean(fold_aucs) >= 0.60
+
+
+def test_evaluation_gets_a_gpu_exactly_when_training_does(tmp_path):
+    """Snakemake's own plan of the tiny config: the evaluate job asks for the GPUs the train job asks for (it runs
+    on a GPU when one is granted), and for more than one thread (torch's, from the rule)."""
+    import re
+    import subprocess
+
+    from conftest import SNAKEMAKE, copy_repo
+
+    workdir = copy_repo(tmp_path / "repo")
+    result = subprocess.run([SNAKEMAKE, "-n", "results/metrics/enlarged_heart.json", "--cores", "2", "--configfile",
+                             "config/tiny.yaml"], cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = {m.group(1): m.group(2) for m in re.finditer(r"^rule (\w+):\n((?:    .*\n)+)", result.stdout, flags=re.M)}
+    gpus = {rule: re.search(r"\bgpu=(\d+)", jobs[rule]) for rule in ("train", "evaluate")}
+    assert gpus["train"] and gpus["evaluate"] and gpus["evaluate"].group(1) == gpus["train"].group(1) == "1"
+    assert int(re.search(r"^    threads: (\d+)$", jobs["evaluate"], flags=re.M).group(1)) >= 2

@@ -122,7 +122,7 @@ def test_a_full_disk_while_writing_tensors_is_a_clear_error_and_leaves_nothing(t
     from PIL import Image
 
     from cxrflow.errors import CxrflowError
-    from cxrflow.tensors import preprocess_shard
+    from cxrflow.preprocess import preprocess_shard
 
     rng = np.random.default_rng(0)
     paths = []

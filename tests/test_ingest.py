@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from cxrflow.errors import CxrflowError
-from cxrflow.ingest import build_catalog, normalize_age, read_table
+from cxrflow.ingest import build_catalog, read_table
+from cxrflow.ingest.fields import normalize_age
 
 
 def freetext_source(tmp_path, rows, encoding="utf-8", header="image_id,patient_id,sex,age,file,annotation", bom=False):

@@ -7,7 +7,10 @@ import pandas as pd
 import pytest
 
 from cxrflow.errors import CxrflowError
-from cxrflow.ingest import LEDGER_COLUMNS, build_catalog, normalize_date, read_table
+from cxrflow.ingest import build_catalog, read_table
+from cxrflow.ingest.catalog import ADAPTERS
+from cxrflow.ingest.fields import normalize_date
+from cxrflow.ingest.record import CATALOG_COLUMNS, LEDGER_COLUMNS
 from cxrflow.pipeline import run_ingest
 
 
@@ -457,3 +460,99 @@ def test_vindr_reads_sex_age_and_view_from_the_dicom_headers(tmp_path, root, key
     assert cat.loc["img_a", "sex"] == "F" and cat.loc["img_a", "age"] == 61 and cat.loc["img_b", "view"] == "AP"
     assert pd.isna(cat.loc["img_c", "sex"]) and pd.isna(cat.loc["img_b", "age"])
     assert result.summary["left_out_by_reason"] == {"missing_file": 1}  # img_d has no file
+
+
+# --- pixels only: the image index's rows, without any label work ----------------------------------------------
+
+NIH = """Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position
+00000001_000.png,Cardiomegaly,0,1,58,M,PA
+00000001_001.png,Cardiomegaly|Emphysema,1,1,58,M,PA
+00000002_000.png,No Finding,0,2,81,F,AP
+00000002_000.png,No Finding,1,2,81,F,AP
+00000003_000.png,Hernia,0,3,74,F,PA
+00000003_001.png,Hernia,1,3,74,M,PA
+"""
+PADCHEST = """ImageID,ImageDir,PatientID,PatientSex_DICOM,Projection,StudyDate_DICOM,PatientBirth,Labels,Report
+n1.png,0,p1,F,PA,20150101,1950,['normal'],normal
+n2.png,0,p2,F,PA,20150102,1960,"['exclude']",
+n3.png,0,p3,M,L,20150103,1970,"['cardiomegaly'",cardiomegaly
+n4.png,1,,F,PA,20150104,1980,"['normal']",
+n5.png,1,p5,F,AP,20150105,1990,,
+"""
+
+
+def _adapter_cases(tmp_path, root):
+    """(name, labelled source, the setting keys pixels only drops): one source per adapter, each with rows that
+    ingest leaves out or flags, so that an adapter whose rows differed without labels would show it."""
+    write(tmp_path / "notes.csv", NOTES + "a1,007,Ж,65,PA,24.05.2021,Норма.\nc1,009,Ж,50,PA,01.01.2020,Норма.\n"
+                                          "c2,009,М,50,PA,01.01.2020,Норма.\n,010,Ж,50,PA,01.01.2020,Норма.\n")
+    yield "freetext", freetext(tmp_path, root, sex_conflict="unknown"), {"vocabulary"}
+    write_dicom(tmp_path / "archive" / "a.dcm", "1.2.3.1", "PAT1", "F", "065Y", "PA", "20200102")
+    write_dicom(tmp_path / "archive" / "b.dcm", "1.2.3.2", "PAT2", "M", "040Y", "AP", "20210304", pixels=False)
+    write(tmp_path / "archive" / "README.txt", "not an image\n")
+    write(tmp_path / "reports.csv", "SOPInstanceUID,report\n1.2.3.1,Сердце расширено влево.\n9.9.9,Норма.\n")
+    yield "dicom", {"format": "dicom", "images": str(tmp_path / "archive"),
+                    "annotations": str(tmp_path / "reports.csv"),
+                    "columns": {"image_id": "SOPInstanceUID", "text": "report"},
+                    "vocabulary": str(root / "config/labels/ru.yaml")}, {"vocabulary"}
+    write(tmp_path / "nih.csv", NIH)
+    yield "nih", {"format": "nih", "annotations": str(tmp_path / "nih.csv"), "check_files": False,
+                  "label_map": str(root / "config/labels/nih.yaml")}, {"label_map"}
+    source = chexpert(tmp_path, root, check_files=True, images=str(tmp_path), uncertain="positive")
+    first = tmp_path / "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"
+    first.parent.mkdir(parents=True, exist_ok=True)
+    first.write_bytes(b"\xff\xd8\xff")
+    yield "chexpert", source, {"label_map", "uncertain"}
+    write(tmp_path / "padchest.csv", PADCHEST)
+    yield "padchest", {"format": "padchest", "annotations": str(tmp_path / "padchest.csv"), "check_files": False,
+                       "label_map": str(root / "config/labels/padchest.yaml")}, {"label_map"}
+    write(tmp_path / "vindr.csv", VINDR + ",No finding,14,R1,,,,\n")
+    write(tmp_path / "image_labels.csv", VINDR_IMAGE_LABELS)
+    write_dicom(tmp_path / "vindr" / "img_a.dicom", "1.2.3.1", "", "F", "061Y", "PA", "")
+    write_dicom(tmp_path / "vindr" / "img_e.dicom", "1.2.3.5", "", "M", "", "AP", "")
+    yield "vindr", {"format": "vindr", "annotations": str(tmp_path / "vindr.csv"), "images": str(tmp_path / "vindr"),
+                    "labels": str(tmp_path / "image_labels.csv"), "label_map": str(root / "config/labels/vindr.yaml"),
+                    "combine": "any"}, {"label_map", "combine"}
+    write(tmp_path / "metadata.csv", MIMIC_METADATA + MIMIC_METADATA.splitlines()[1] + "\n")
+    write(tmp_path / "labels.csv", MIMIC_LABELS)
+    write(tmp_path / "patients.csv", MIMIC_PATIENTS)
+    yield "mimic", {"format": "mimic", "annotations": str(tmp_path / "metadata.csv"), "check_files": False,
+                    "labels": str(tmp_path / "labels.csv"), "patients": str(tmp_path / "patients.csv"),
+                    "label_map": str(root / "config/labels/mimic.yaml")}, {"label_map", "labels"}
+
+
+def test_pixels_only_keeps_the_same_images_in_the_same_order_with_the_same_ledger(tmp_path, root, keys_file):
+    pixel_columns = ["image_id", "sex", "age", "view", "study_date", "path"]
+    seen = []
+    for name, source, label_settings in _adapter_cases(tmp_path, root):
+        labelled = build_catalog(source, keys_file, base="/")
+        # Without the label settings (and without keys or notes), reading any of them would fail.
+        bare = {k: v for k, v in source.items() if k not in label_settings}
+        if name == "freetext":
+            bare["columns"] = {k: v for k, v in source["columns"].items() if k != "text"}
+        pixels = build_catalog(bare, None, base="/", labels=False)
+        assert list(pixels.catalog.columns) == CATALOG_COLUMNS, name
+        pd.testing.assert_frame_equal(pixels.catalog[pixel_columns], labelled.catalog[pixel_columns], obj=name)
+        assert pixels.catalog[["patient_id", "text"]].isna().all().all(), name
+        assert pixels.catalog["quality_tag"].eq(0).all(), name
+        images = {**labelled.summary["left_out_by_reason"], **labelled.summary["flagged"]}
+        assert images, f"{name}: the case leaves no image out, so it proves nothing"
+        about_images = lambda ledger: ledger[ledger["reason"].isin(images)].reset_index(drop=True)  # noqa: E731
+        pd.testing.assert_frame_equal(about_images(pixels.ledger), about_images(labelled.ledger), obj=name)
+        for count in ("rows_read", "kept", "left_out", "left_out_by_reason", "flagged", "patients"):
+            assert pixels.summary[count] == labelled.summary[count], (name, count)
+        assert pixels.summary["positives_by_key"] == {}
+        seen.append(name)
+    assert seen == list(ADAPTERS)  # every adapter has its case
+
+
+def test_pixels_only_reads_no_vocabulary_and_needs_no_pseudonym_key(tmp_path, root, keys_file, monkeypatch):
+    write(tmp_path / "notes.csv", NOTES)
+    write(tmp_path / "broken.yaml", "terms: [unclosed\n  - : :\n")
+    source = {**freetext(tmp_path, root), "vocabulary": str(tmp_path / "broken.yaml")}
+    with pytest.raises(CxrflowError, match="broken.yaml"):
+        build_catalog(source, keys_file, base="/")
+    for variable in ("CXRFLOW_PSEUDONYM_KEY", "CXRFLOW_PSEUDONYM_KEY_FILE"):
+        monkeypatch.delenv(variable, raising=False)
+    cat = build_catalog(source, None, base="/", labels=False).catalog
+    assert cat["image_id"].tolist() == ["a1", "a2", "b1"] and cat["view"].tolist() == ["PA", "AP", "LAT"]

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 
 from cxrflow.errors import CxrflowError
-from cxrflow.ingest import build_catalog, load_label_map, parse_nih_labels, parse_padchest_labels
+from cxrflow.ingest import build_catalog
+from cxrflow.ingest.native import load_label_map
+from cxrflow.ingest.public import parse_nih_labels, parse_padchest_labels
 from cxrflow.labels import load_keys
 
 # The 14 observations CheXpert publishes (train.csv / valid.csv); MIMIC-CXR-JPG's label table has the same.

@@ -18,8 +18,9 @@ from planted import KINDS, plant_archive, scan
 
 pytestmark = pytest.mark.e2e
 
-# The rules allowed to read results/private/, and why; each says so in its docstring.
-PRIVATE_READERS = {"preprocess_shard", "label_coverage", "label_audit_sheets"}
+# The rules allowed to read results/private/, and why; each says so in its docstring. ingest and candidates read the
+# image index (the source's ids and paths), preprocess_shard the candidates' paths, the label rules the notes.
+PRIVATE_READERS = {"ingest", "candidates", "preprocess_shard", "label_coverage", "label_audit_sheets"}
 
 
 def _run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -94,7 +95,7 @@ def test_only_the_rules_that_need_them_read_private_outputs(planted_run):
     result = _run(workdir, "--detailed-summary")
     table = pd.read_csv(pd.io.common.StringIO(result.stdout), sep="\t", dtype=str).fillna("")
     readers = set(table.loc[table["input-file(s)"].str.contains("results/private/"), "rule"])
-    assert "preprocess_shard" in readers, "the summary lists the shards reading the private catalog"
+    assert "preprocess_shard" in readers, "the summary lists the shards reading the private candidates"
     assert readers <= PRIVATE_READERS, f"rules reading results/private/ without need: {readers - PRIVATE_READERS}"
     sources = "\n".join(p.read_text() for p in (workdir / "workflow" / "rules").glob("*.smk"))
     for rule in readers:
@@ -168,6 +169,20 @@ def test_shareable_catalog_dates_ages_and_columns():
     assert dates[0] != pd.Timestamp("2019-03-14") and abs(dates[0] - pd.Timestamp("2019-03-14")) <= pd.Timedelta(days=30)
 
 
+def test_the_catalog_takes_pixel_ids_only_from_an_image_index_of_the_same_images(tmp_path):
+    """pixel_id joins the two branches on the source's image id; an index of other images is an error naming the
+    file, and the message names no image (it goes to a shareable log)."""
+    from cxrflow.pipeline import pixel_ids
+
+    index = tmp_path / "images.parquet"
+    pd.DataFrame({"pixel_id": [0, 1, 2], "source_id": ["Ivanova_1", "Petrova_1", "Sidorova_1"]}).to_parquet(index)
+    assert pixel_ids(pd.Series(["Petrova_1", "Sidorova_1", "Ivanova_1"]), index).tolist() == [1, 2, 0]
+    for other in (["Ivanova_1", "Petrova_1"], ["Ivanova_1", "Petrova_1", "Smirnova_1"]):
+        with pytest.raises(CxrflowError, match="images.parquet") as error:
+            pixel_ids(pd.Series(other), index)
+        assert "Smirnova" not in str(error.value) and "Ivanova" not in str(error.value)
+
+
 def test_wildcards_cannot_escape_results(tiny_run):
     # A pathology name from outside the config (here a path) matches no rule: wildcard_constraints come from config.
     result = snakemake(tiny_run, "-n", "results/metrics/../../escape.json", check=False)
@@ -178,7 +193,7 @@ def test_wildcards_cannot_escape_results(tiny_run):
 def test_burned_in_annotation_is_a_qc_reason(tmp_path):
     """A DICOM that declares text burned into its pixels (a name on the film) fails QC with its own reason."""
     from cxrflow.quality import apply_rules
-    from cxrflow.tensors import process_image
+    from cxrflow.preprocess import process_image
     from hostile import chest, dicom
 
     rows = []

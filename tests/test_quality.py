@@ -157,7 +157,7 @@ def test_an_8000_pixel_noise_image_is_not_a_radiograph(tmp_path):
     structure gives them away."""
     from PIL import Image
 
-    from cxrflow.tensors import process_image
+    from cxrflow.preprocess import process_image
 
     path = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (8000, 8000), dtype=np.uint8)).save(path, compress_level=0)
@@ -170,7 +170,7 @@ def test_an_8000_pixel_noise_image_is_not_a_radiograph(tmp_path):
 def test_twelve_bit_data_in_a_sixteen_bit_png_is_not_too_dark(tmp_path):
     from PIL import Image
 
-    from cxrflow.tensors import process_image
+    from cxrflow.preprocess import process_image
 
     path = tmp_path / "export12.png"
     Image.fromarray((chest_like(np.random.default_rng(2)) * 4095).astype(np.uint16)).save(path)

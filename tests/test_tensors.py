@@ -1,5 +1,9 @@
 """Preprocessing shards: decode + QC + normalize on real files, bad files recorded not fatal, the tensor cache."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,11 +12,42 @@ from skimage.measure import shannon_entropy
 
 from cxrflow.errors import CxrflowError
 from cxrflow.quality import apply_rules
+from cxrflow.preprocess import normalize, preprocess_shard, process_image, resize_with_padding, shard_of
 from cxrflow.synthetic import render
-from cxrflow.tensors import TensorCache, normalize, preprocess_shard, process_image, resize_with_padding, shard_of
+from cxrflow.tensors import TensorCache
 
 QC = {"min_size": 32, "max_aspect": 2.5, "blank_std": 0.02, "dark_p50": 0.08, "bright_p50": 0.92,
       "min_dynamic_range": 0.15, "max_clipped_white": 0.25, "max_line_score": 0.35}
+
+
+IMAGE_LIBRARIES = ("PIL", "skimage", "scipy")
+# Imported one after another in one fresh interpreter (this session has long imported them all); each prints the
+# image libraries loaded so far, so a failure names the first module that pulls one in.
+PROBE = """import importlib, sys
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+    print(module, *sorted(m for m in {libraries!r} if m in sys.modules))
+"""
+
+
+def loaded_by(root, *modules) -> dict[str, list[str]]:
+    result = subprocess.run([sys.executable, "-c", PROBE.format(libraries=IMAGE_LIBRARIES), *modules],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+
+
+def test_reading_the_cache_imports_no_image_library(root):
+    """Training, evaluation and prediction read the cache; only the writer (cxrflow.preprocess) needs Pillow,
+    scikit-image and SciPy, so a bare GPU node can run them."""
+    readers = ["cxrflow.tensors", "cxrflow.inference", "cxrflow.train"]
+    assert loaded_by(root, *readers) == {module: [] for module in readers}
+
+
+def test_the_writer_does_import_them(root):
+    """The probe above can fail: the writer's own import pulls in Pillow and scikit-image."""
+    assert {"PIL", "skimage"} <= set(loaded_by(root, "cxrflow.preprocess")["cxrflow.preprocess"])
 
 
 def test_resize_preserves_aspect_and_pads():

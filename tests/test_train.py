@@ -1,4 +1,5 @@
-"""Training on the CPU: deterministic, resumable after SIGKILL, models loadable without unpickling, evaluation."""
+"""Training on the CPU: deterministic, resumable after SIGKILL, streamed from the cache batch by batch, models loadable
+without unpickling, evaluation."""
 
 import json
 import math
@@ -21,7 +22,10 @@ from cxrflow.evaluate import youden_threshold
 from cxrflow.metrics import bootstrap_metrics
 from cxrflow.models import build_model, load_pretrained
 from cxrflow.pipeline import run_evaluate, run_train
-from cxrflow.train import BatchAugment
+from cxrflow.datasets import read_batches, release_pages
+from cxrflow.inference import predict, predict_cached
+from cxrflow.tensors import TensorCache
+from cxrflow.train import BatchAugment, train
 from test_evaluate import drawn_png
 
 RUNNER = textwrap.dedent("""
@@ -201,3 +205,94 @@ def test_sample_weights_balance_classes_and_optionally_patients():
     assert np.array_equal(sample_weights(rows, "none"), np.ones(10))
     with pytest.raises(CxrflowError, match="train.weighting: 'images'"):
         sample_weights(rows, "images")
+
+
+class RecordingCache(TensorCache):
+    """The real tensor cache, remembering the ids of every `load` call."""
+
+    calls: list
+
+    def load(self, image_ids):
+        ids = list(image_ids)
+        self.calls.append(ids)
+        return super().load(ids)
+
+
+def small_network():
+    """A real network a hundred times cheaper than resnet10t: for tests about what is read, not what is learned."""
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5, stride=4), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 1))
+
+
+def test_training_reads_the_cache_one_batch_at_a_time(tiny_pipeline, tmp_path, monkeypatch):
+    """Training streams: every read of the cache is one step's batch or one prediction batch, never a split."""
+    import cxrflow.train
+
+    monkeypatch.setattr(cxrflow.train, "build_model", lambda spec: small_network())
+    cache = RecordingCache.open(tiny_pipeline["index"], tiny_pipeline["shards"])
+    cache.calls = []
+    manifest = pd.read_csv(tiny_pipeline["manifest"], dtype={"image_id": str, "patient_id": str})
+    cfg = {**tiny_pipeline["config"], "train": {**tiny_pipeline["config"]["train"], "epochs": 1, "batch_size": 8}}
+    train(manifest, cache, cfg, "enlarged_heart", tmp_path, seed=0, log=lambda *_: None)
+    train_ids = set(manifest.loc[manifest["split"] == "train", "image_id"])
+    val_ids = manifest.loc[manifest["split"] == "val", "image_id"].tolist()
+    steps = len(train_ids) // 8
+    assert val_ids and steps > 1
+    training_reads = [c for c in cache.calls if set(c) <= train_ids]
+    validation_reads = [c for c in cache.calls if set(c) <= set(val_ids)]
+    assert len(training_reads) + len(validation_reads) == len(cache.calls)
+    assert [len(c) for c in training_reads] == [8] * steps
+    # Validation: the val split in prediction batches (of at most 64 images), in manifest order.
+    assert [i for c in validation_reads for i in c] == val_ids
+    assert max(len(c) for c in validation_reads) <= 64
+    # The epoch visits a permutation's whole batches, no image twice.
+    epoch = [i for c in training_reads for i in c]
+    assert len(set(epoch)) == len(epoch) == 8 * steps
+
+
+def test_predict_cached_streams_what_predict_computes_and_logs_progress(tiny_pipeline, monkeypatch):
+    import cxrflow.inference
+
+    cache = RecordingCache.open(tiny_pipeline["index"], tiny_pipeline["shards"])
+    cache.calls = []
+    ids = cache.index.index[:50].tolist()
+    torch.manual_seed(0)
+    model = small_network()
+    lines = []
+    monkeypatch.setattr(cxrflow.inference, "PROGRESS_SECONDS", 0.0)
+    streamed = predict_cached(model, cache, ids, "cpu", zscore=True, batch=16, log=lines.append)
+    assert [len(c) for c in cache.calls] == [16, 16, 16, 2]
+    np.testing.assert_array_equal(streamed, predict(model, cache.load(ids), "cpu", zscore=True, batch=16))
+    assert lines[0].startswith("predict: 16/50 images") and lines[-1].startswith("predict: 50/50 images")
+    assert predict_cached(model, cache, [], "cpu", zscore=True).shape == (0,)
+
+
+def test_loader_workers_read_the_same_batches_in_the_same_order(tiny_pipeline):
+    """The GPU path reads batches in worker processes: the same images, in the order asked, as the main process."""
+    cache = TensorCache.open(tiny_pipeline["index"], tiny_pipeline["shards"])
+    ids = cache.index.index.to_numpy()
+    batches = [np.random.default_rng(s).choice(len(ids), 7, replace=False) for s in range(6)]
+    in_workers = [b.numpy() for b in read_batches(cache, ids, batches, workers=2)]
+    assert len(in_workers) == 6
+    for rows, images in zip(batches, in_workers):
+        np.testing.assert_array_equal(images, cache.load(ids[rows]))
+    with pytest.raises(KeyError, match="not in the tensor cache"):
+        read_batches(cache, np.append(ids, "absent"), batches)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile from Linux's /proc")
+def test_released_pages_leave_resident_memory(tmp_path):
+    """A read through a memory map keeps its pages in the process's RSS; release_pages hands them back."""
+    def rss_file_mb():
+        line = next(x for x in open("/proc/self/status") if x.startswith("RssFile:"))
+        return int(line.split()[1]) / 1024
+
+    np.save(tmp_path / "a.npy", np.ones((64, 1024, 1024), dtype=np.uint8))
+    array = np.load(tmp_path / "a.npy", mmap_mode="r")
+    before = rss_file_mb()
+    assert int(array[::2].sum()) == 32 * 2**20
+    read = rss_file_mb()
+    release_pages(array)
+    released = rss_file_mb()
+    assert read - before > 24 and read - released > 24
+    assert int(array[1::2].sum()) == 32 * 2**20  # still readable afterwards

@@ -182,15 +182,8 @@ def _shared_filters(rows: _Rows, quality: pd.DataFrame | None, cohorts_cfg: dict
                     duplicates: pd.DataFrame | None) -> _Rows:
     """The filters that do not depend on the pathology, in their fixed order. A filter set to null is off."""
     filters = cohorts_cfg.get("filters", {})
-    if filters.get("views"):
-        rows.keep(_isin(rows.column("view"), filters["views"]), "view", f"view not in {filters['views']}")
-    if filters.get("sex"):
-        rows.keep(rows.column("sex").eq(filters["sex"]).to_numpy(dtype=bool, na_value=False), "sex",
-                  f"sex is not {filters['sex']} (or unknown)")
-    if filters.get("age"):
-        lo, hi = filters["age"]
-        rows.keep(rows.column("age").between(lo, hi).to_numpy(dtype=bool, na_value=False), "age",
-                  f"age outside [{lo}, {hi}] (or unknown)")
+    for step, keep, reason in metadata_filters(rows.catalog, filters):
+        rows.keep(keep[rows.rows], step, reason)
     if filters.get("require_qc_pass", True) and quality is not None:
         rows.keep(_passed_qc(rows.column("image_id"), quality), "quality", "failed quality control or could not be decoded")
     if negative_rule(cohorts_cfg) == "normal" and QUALITY_TAG in rows.catalog.columns:
@@ -200,6 +193,36 @@ def _shared_filters(rows: _Rows, quality: pd.DataFrame | None, cohorts_cfg: dict
         rows.keep(_first_of_each_duplicate_group(rows.column("image_id"), duplicates), "duplicates",
                   "a copy of another image (same duplicate group); the first by image_id is kept")
     return rows
+
+
+def metadata_filters(images: pd.DataFrame, filters: dict) -> list[tuple[str, np.ndarray, str]]:
+    """The filters that need neither labels nor pixels, in their order: (step, which images pass, reason). A filter
+    set to null is off. The cohorts apply them, and so does the pixel branch's pre-filter (`prefilter`), so that
+    only images some cohort can take are decoded."""
+    steps = []
+    if filters.get("views"):
+        steps.append(("view", _isin(images["view"], filters["views"]), f"view not in {filters['views']}"))
+    if filters.get("sex"):
+        steps.append(("sex", images["sex"].eq(filters["sex"]).to_numpy(dtype=bool, na_value=False),
+                      f"sex is not {filters['sex']} (or unknown)"))
+    if filters.get("age"):
+        lo, hi = filters["age"]
+        steps.append(("age", images["age"].between(lo, hi).to_numpy(dtype=bool, na_value=False),
+                      f"age outside [{lo}, {hi}] (or unknown)"))
+    return steps
+
+
+def prefilter(images: pd.DataFrame, filters: dict) -> pd.DataFrame:
+    """For each image (view, sex, age) the first metadata filter it fails, as the ledger names it: `reason`
+    ("<step>_filter", missing for a candidate) and `detail`. `filters` is the union of what every consumer of
+    the pixels needs (workflow/rules/common.smk, candidate_filters)."""
+    reason = np.full(len(images), None, dtype=object)
+    detail = np.full(len(images), None, dtype=object)
+    for step, keep, why in metadata_filters(images, filters):
+        first = ~keep & (reason == None)  # noqa: E711  (elementwise on an object array)
+        reason[first], detail[first] = f"{step}_filter", why
+    return pd.DataFrame({"reason": pd.array(reason, dtype="string"), "detail": pd.array(detail, dtype="string")},
+                        index=images.index)
 
 
 def _finish(shared: _Rows, cohorts_cfg: dict, pathology: str, seed: int,

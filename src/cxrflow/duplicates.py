@@ -1,7 +1,7 @@
 """Duplicate images under different ids: exact copies by content, near copies (resized, re-encoded) by a
 perceptual hash of the cached tensor.
 
-The preprocessing shards record three fingerprints per image (`tensors.process_image`): `content_hash` (the file's
+The preprocessing shards record three fingerprints per image (`preprocess.process_image`): `content_hash` (the file's
 bytes), `pixel_hash` (the decoded grey levels: the same picture as RGB and RGBA PNG) and `phash` (a 255-bit DCT
 hash of the normalized tensor). Images that share either of the first two are exact duplicates; images whose
 pHashes differ in at most `near_duplicate_bits` bits are near duplicates. Duplicates are linked transitively into

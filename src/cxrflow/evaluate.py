@@ -40,8 +40,10 @@ def patient_bootstrap_auc(labels, probs, patients, n: int, seed: int, level: flo
 
 
 def evaluate_predictions(predictions: pd.DataFrame, bootstrap: int, seed: int, *, prevalence: float | None = None,
-                         reference: str | None = None) -> dict:
+                         reference: str | None = None, threshold: float | None = None) -> dict:
     """predictions: image_id, patient_id, label, prob, split (val and test). Threshold from val, metrics on test.
+    A given `threshold` (the model folder's, for an external test set: cxrflow.external) is used as it is, and
+    then no val rows are needed.
 
     Besides the paper's columns (top-level keys, as before): `clinical`, every metric at the threshold with its
     patient-bootstrap 95% CI; `at_prevalence`, PPV and NPV at a clinical `prevalence` (Bayes, from the test
@@ -50,7 +52,7 @@ def evaluate_predictions(predictions: pd.DataFrame, bootstrap: int, seed: int, *
     """
     val = predictions[predictions["split"] == "val"]
     test = predictions[predictions["split"] == "test"]
-    threshold = youden_threshold(val["label"], val["prob"])
+    threshold = youden_threshold(val["label"], val["prob"]) if threshold is None else float(threshold)
     at_youden = threshold_metrics(test["label"], test["prob"], threshold)
     at_half = threshold_metrics(test["label"], test["prob"], 0.5)
     point = point_metrics(test["label"], test["prob"], threshold, prevalence)

@@ -48,15 +48,30 @@ def _interval(entry: dict) -> str:
     return f"{_fmt(entry['value'])} ({_fmt(low)}-{_fmt(high)})"
 
 
+def label_definition(cohorts: dict, pathology: str) -> dict:
+    """What a positive and a negative image of this cohort are: the model folder's label.json and the card's."""
+    from cxrflow.cohorts import exclusion_keys
+
+    negatives = cohorts.get("negatives", "normal")
+    return {
+        "pathology": pathology,
+        "positive_keys": list(cohorts["pathologies"][pathology]["positive"]),
+        "negative_rule": negatives,
+        "negative_rule_text": NEGATIVE_RULES.get(negatives, negatives),
+        "exclusions": exclusion_keys(cohorts, pathology),
+        "uncertain_exclusions": cohorts.get("uncertain_exclusions", "remove"),
+        "filters": cohorts.get("filters", {}),
+        "balance": cohorts.get("balance"),
+        "max_per_class": cohorts.get("max_per_class"),
+    }
+
+
 def build_card(metadata: dict, threshold: dict, metrics: dict, flow: pd.DataFrame, manifest: pd.DataFrame, config: dict,
                pathology: str) -> dict:
     """The card as a dict (the JSON twin); `config` holds the model's, the evaluation's and the cohort's settings."""
-    from cxrflow.cohorts import exclusion_keys
-
     cohorts = config["cohorts"]
     entry = cohorts["pathologies"][pathology]
     name = entry.get("name", {})
-    negatives = cohorts.get("negatives", "normal")
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
     patients = manifest.groupby("split")["patient_id"].nunique()
     split_counts = {split: {"images": int(counts.loc[split].sum()), "positive": int(counts.loc[split].get(1, 0)),
@@ -95,15 +110,7 @@ def build_card(metadata: dict, threshold: dict, metrics: dict, flow: pd.DataFram
             "pathology": pathology,
             "name": name,
             "permuted_labels_control": permuted,
-            "label_definition": {
-                "positive_keys": list(entry["positive"]),
-                "negative_rule": negatives,
-                "negative_rule_text": NEGATIVE_RULES.get(negatives, negatives),
-                "exclusions": exclusion_keys(cohorts, pathology),
-                "filters": cohorts.get("filters", {}),
-                "balance": cohorts.get("balance"),
-                "max_per_class": cohorts.get("max_per_class"),
-            },
+            "label_definition": label_definition(cohorts, pathology),
             "cohort_flow": flow.astype(object).where(flow.notna(), None).to_dict("records"),
             "splits": split_counts,
             "split_settings": config.get("split", {}),

@@ -22,20 +22,17 @@ Importing this module pulls in neither MONAI nor the image decoders (benchmarks/
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 
 from cxrflow.errors import CxrflowError
+from cxrflow.inference import predict_cached, use_threads
 from cxrflow.splits import patient_exclusive_split, split_groups, split_units
+from cxrflow.train import Task, TrainResult, config_hash, finish, fit, output_aucs, run_metadata, sample_weights
 
 if TYPE_CHECKING:
     from cxrflow.tensors import TensorCache
@@ -275,165 +272,54 @@ def load_multilabel(model_path, spec: dict, n_outputs: int) -> torch.nn.Module:
     return model.eval()
 
 
-def predict_outputs(model, images: np.ndarray, device, zscore: bool, n_outputs: int, amp_dtype=None) -> np.ndarray:
-    """P(finding) per output, (images, outputs)."""
-    from cxrflow.train import predict
-
-    return np.asarray(predict(model, images, device, zscore, amp_dtype=amp_dtype)).reshape(len(images), n_outputs)
-
-
-@dataclass
-class MultilabelResult:
-    best_epoch: int
-    best_val_auc: float
-    history: pd.DataFrame
-    metadata: dict
-
-
 def train_multilabel(table: pd.DataFrame, cache: "TensorCache", cfg: dict, out_dir, seed: int,
-                     log=print) -> MultilabelResult:
+                     log=print) -> TrainResult:
     """Train one network on the table's train rows, select the epoch on the mean val AUC of the pathology outputs
     (auxiliary outputs train but do not select); writes best.pt and checkpoint.pt (resumable) into out_dir.
 
-    The pieces are cxrflow.train's: the device slot, `prepare_batch`, `BatchAugment`, `pick_micro_batch`,
-    `accumulate_step` (an out-of-memory error halves the micro-batch), `forward_backward`, AdamW with
-    `cosine_with_warmup`, and the same per-epoch seeding."""
-    from cxrflow.devices import acquire_slot, visible_devices
-    from cxrflow.train import config_hash
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_hash = config_hash(cfg["model"], cfg["train"], cfg["image"], seed, "multilabel", table.to_dict("list"))
-    torch.manual_seed(seed)
-    slot = acquire_slot(visible_devices(torch.cuda.device_count()))
-    device = torch.device(slot.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    log(f"device {device} (visible id {slot.visible_id})")
-    try:
-        return _fit_multilabel(table, cache, cfg, out_dir, seed, run_hash, device, log)
-    finally:
-        slot.release()
-
-
-def _fit_multilabel(table, cache, cfg, out_dir, seed, run_hash, device, log) -> MultilabelResult:
-    import functools
-
-    from cxrflow.io import atomic_path
-    from cxrflow.tensors import INTENSITY_CONVENTION
-    from cxrflow.train import (BatchAugment, _versions, accumulate_step, amp_dtype_for, forward_backward, git_commit,
-                               git_dirty, optimization, pick_micro_batch, predict, prepare_batch, resume)
-
-    model_cfg, train_cfg, image_cfg = cfg["model"], cfg["train"], cfg["image"]
-    size, zscore = image_cfg["size"], image_cfg.get("zscore", False)
+    The epoch loop is the binary models' (`cxrflow.train.fit`): the device slot, streamed batches, `BatchAugment`,
+    `pick_micro_batch`, `accumulate_step` (an out-of-memory error halves the micro-batch), AdamW with
+    `cosine_with_warmup`, the same per-epoch seeding and checkpoints. Only the targets (the label matrix), the loss
+    (`masked_bce` with `output_weights`) and the validation score differ."""
+    model_cfg, train_cfg = cfg["model"], cfg["train"]
+    run_hash = config_hash(model_cfg, train_cfg, cfg["image"], seed, "multilabel", table.to_dict("list"))
     outputs = output_columns(table)
     pathologies = [c for c in outputs if not c.startswith(AUX_PREFIX)]
     train_rows = table[table["split"] == "train"].reset_index(drop=True)
     val_rows = table[table["split"] == "val"].reset_index(drop=True)
-    train_images, val_images = cache.load(train_rows["image_id"]), cache.load(val_rows["image_id"])
-    targets = torch.tensor(train_rows[outputs].to_numpy(dtype=np.float32))
     weighting = train_cfg.get("weighting", "class")
-    weights = torch.tensor(output_weights(train_rows, outputs, weighting))
+    val_labels = val_rows[outputs].to_numpy(dtype=float)
 
-    model = build_multilabel_model(model_cfg, len(outputs)).to(device)
-    use_cuda = device.type == "cuda"
-    amp_dtype = amp_dtype_for(device)
-    if use_cuda:
-        model = model.to(memory_format=torch.channels_last)
-    effective = train_cfg["batch_size"]
-    micro = pick_micro_batch(model, size, effective, device, amp_dtype)
-    steps_per_epoch = max(1, len(train_rows) // effective)
-    epochs = train_cfg["epochs"]
-    optimizer, scheduler, scaler = optimization(model, train_cfg, steps_per_epoch, amp_dtype)
-    augment = BatchAugment.from_config(train_cfg.get("augment", {}))
-
-    checkpoint_path = out_dir / "checkpoint.pt"
-    history, start_epoch, best = resume(checkpoint_path, run_hash, model, optimizer, scheduler, scaler, log)
-
-    patience = train_cfg.get("early_stopping_patience")
-    for epoch in range(start_epoch, epochs):
-        if patience and epoch - best["epoch"] > patience:
-            log(f"early stop at epoch {epoch}: no val AUC gain for {patience} epochs")
-            break
-        started = time.perf_counter()
-        model.train()
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(len(train_rows), generator=generator)
-        total_loss = torch.zeros((), device=device)
-
-        def micro_step(chunk, share):
-            x = prepare_batch(train_images[chunk.numpy()], device, zscore, augment, generator, channels_last=use_cuda)
-            y = targets[chunk].to(device, non_blocking=True)
-            loss_fn = functools.partial(masked_bce, weights=weights[chunk].to(device, non_blocking=True))
-            return forward_backward(model, x, y, loss_fn, amp_dtype, scaler, weight=share)
-
-        for step in range(steps_per_epoch):
-            batch_index = order[step * effective : (step + 1) * effective]
-            loss, micro = accumulate_step(model, batch_index, micro, micro_step, optimizer, generator, log)
-            total_loss += loss
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-        val_prob = np.asarray(predict(model, val_images, device, zscore, amp_dtype=amp_dtype)).reshape(len(val_rows), -1)
-        aucs = {}
-        for k, column in enumerate(outputs):
-            known = val_rows[column].notna().to_numpy()
-            labels = val_rows.loc[known, column]
-            aucs[column] = float(roc_auc_score(labels, val_prob[known, k])) if labels.nunique() == 2 else float("nan")
+    def score(probs: np.ndarray) -> dict:
+        aucs = dict(zip(outputs, output_aucs(val_labels, probs)))
         selecting = [aucs[p] for p in pathologies if np.isfinite(aucs[p])]
-        val_auc = float(np.mean(selecting)) if selecting else float("nan")
-        record = {"epoch": epoch, "train_loss": float(total_loss) / max(1, steps_per_epoch * effective), "val_auc": val_auc,
-                  **{f"val_auc:{c}": a for c, a in aucs.items()}, "lr": scheduler.get_last_lr()[0],
-                  "seconds": time.perf_counter() - started}
-        history.append(record)
-        log(json.dumps(record))
-        if val_auc > best["val_auc"]:
-            best = {"epoch": epoch, "val_auc": val_auc}
-            with atomic_path(out_dir / "best.pt") as tmp:
-                torch.save(model.state_dict(), tmp)
-        with atomic_path(checkpoint_path) as tmp:
-            torch.save({"run_hash": run_hash, "epoch": epoch, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "history_columns": list(record),
-                        "history": [list(h.values()) for h in history], "best_epoch": best["epoch"],
-                        "best_val_auc": best["val_auc"]}, tmp)
+        return {"val_auc": float(np.mean(selecting)) if selecting else float("nan"),
+                **{f"val_auc:{c}": a for c, a in aucs.items()}}
 
-    history_frame = pd.DataFrame(history)
-    label_keys = {p: cfg["cohorts"]["pathologies"][p]["positive"] for p in pathologies if p in cfg.get("cohorts", {}).get("pathologies", {})}
+    task = Task(
+        train_ids=train_rows["image_id"].to_numpy(dtype=object),
+        targets=torch.tensor(train_rows[outputs].to_numpy(dtype=np.float32)),
+        weights=torch.tensor(output_weights(train_rows, outputs, weighting)),
+        val_ids=val_rows["image_id"].to_numpy(dtype=object),
+        loss=masked_bce,
+        score=score,
+        build=lambda: build_multilabel_model(model_cfg, len(outputs)),
+    )
+    fitted = fit(task, cache, cfg, out_dir, seed, run_hash, log)
+    known = cfg.get("cohorts", {}).get("pathologies", {})
     metadata = {
         "mode": "multilabel",
         "outputs": outputs,
         "pathologies": pathologies,
         "auxiliary_keys": [c.removeprefix(AUX_PREFIX) for c in outputs if c.startswith(AUX_PREFIX)],
-        "label_keys": label_keys,
-        "architecture": {"library": model_cfg.get("library", "timm"), "name": model_cfg["name"],
-                         **({"variant": model_cfg["variant"]} if "variant" in model_cfg else {})},
-        "input": {"size": size, "channels": 1, "intensity": INTENSITY_CONVENTION, "zscore": zscore,
-                  "clip_percentiles": list(image_cfg.get("clip_percentiles", (0.5, 99.5))),
-                  "clahe": image_cfg.get("clahe", False)},
+        "label_keys": {p: known[p]["positive"] for p in pathologies if p in known},
+        **run_metadata(fitted, cfg, run_hash),
         "output": f"{len(outputs)} logits in the order of `outputs`; sigmoid gives P(finding) per output",
         "training_images": len(train_rows),
         "training_labels_defined": {c: int(train_rows[c].notna().sum()) for c in outputs},
-        "best_epoch": best["epoch"],
-        "best_val_auc": best["val_auc"],
-        "epochs_run": len(history),
-        "effective_batch": effective,
-        "micro_batch": micro,
-        "batchnorm_images": micro,
         "loss": "masked BCE (cxrflow.multilabel.masked_bce), per-output weights",
-        "loss_weighting": weighting,
-        "augmentation": {"batched_on_device": True, **asdict(augment)},
-        "versions": _versions(),
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
-        "config_hash": run_hash,
-        "runtime": {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
-                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
     }
-    return MultilabelResult(best["epoch"], best["val_auc"], history_frame, metadata)
+    return TrainResult(fitted.best_epoch, fitted.best_val_auc, fitted.history, metadata)
 
 
 def pathology_predictions(model, cache: "TensorCache", manifest: pd.DataFrame, output: int, n_outputs: int,
@@ -441,7 +327,7 @@ def pathology_predictions(model, cache: "TensorCache", manifest: pd.DataFrame, o
     """One pathology's val and test rows of its manifest with `prob` from output `output`: the frame
     cxrflow.evaluate.evaluate_predictions reads, as for a binary model."""
     rows = manifest[manifest["split"].isin(["val", "test"])].reset_index(drop=True)
-    probs = predict_outputs(model, cache.load(rows["image_id"]), torch.device("cpu"), zscore, n_outputs)
+    probs = predict_cached(model, cache, rows["image_id"], torch.device("cpu"), zscore).reshape(len(rows), n_outputs)
     return rows.assign(prob=np.round(probs[:, output], 6))
 
 
@@ -471,15 +357,16 @@ def load_for_pathology(model_path, metadata: dict, pathology: str) -> torch.nn.M
 
 
 def run_train_multilabel(manifest_files: dict, index_path, tensor_files, config: dict, model_out, metadata_out,
-                         history_out, catalog_path=None, quality_path=None, duplicates_path=None, log=print) -> dict:
+                         history_out, catalog_path=None, quality_path=None, duplicates_path=None, threads=None,
+                         log=print) -> dict:
     """The `train_multilabel` rule: the manifests of the shared split (pathology -> CSV), the tensor cache, and for
     auxiliary outputs the catalog (and, with train.auxiliary_images: catalog, the QC table) -> model.pt (the best
-    epoch's state dict), metadata.json, history.csv in one model folder."""
+    epoch's state dict), metadata.json, history.csv in one model folder; torch uses `threads` CPU threads."""
     import pyarrow.parquet as pq
 
     from cxrflow.tensors import TensorCache
-    from cxrflow.train import finish
 
+    use_threads(threads)
     manifests = {p: pd.read_csv(f, dtype={"image_id": str, "patient_id": str}) for p, f in sorted(manifest_files.items())}
     train_cfg = config["train"]
     aux_keys = list(train_cfg.get("auxiliary_keys", []))

@@ -1,16 +1,20 @@
 """Apply the trained models to a folder of new images: per-pathology probabilities, one row per file.
 
-Each file goes through the training pipeline's own preprocessing (`tensors.process_image`: decode, QC metrics,
-resize and intensity normalization), with the input convention that each model's metadata.json records. A file
-that cannot be decoded, or whose DICOM tags say it is a lateral view or not a chest, gets a row with its status
-and no probabilities: one bad file never stops the run. The fixed QC rules of the config are applied and
-recorded, but do not withhold a prediction: the user decides what a failed check means for a new image.
+A model folder describes itself, so prediction reads nothing else: model.pt, metadata.json (architecture and input
+convention: size, clip percentiles, CLAHE, z-score) and threshold.json (the validation-chosen threshold and the
+temperature, written by evaluation). Each file goes through the training pipeline's own preprocessing
+(`preprocess.process_image`: decode, QC metrics, resize and intensity normalization) with that convention. Files
+stream through in batches, so memory holds the models and one batch whatever the folder's size, and a progress line
+goes to the log. A file that cannot be decoded, or whose DICOM tags say it is a lateral view or not a chest, gets a
+row with its status and no probabilities: one bad file never stops the run. The fixed QC rules of the config are
+applied and recorded, but do not withhold a prediction: the user decides what a failed check means for a new image.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +22,12 @@ import pandas as pd
 import torch
 
 from cxrflow.errors import CxrflowError
-from cxrflow.models import load_trained
+from cxrflow.preprocess import process_image
 from cxrflow.quality import METRICS, apply_rules
-from cxrflow.tensors import process_image
-from cxrflow.train import predict
+
+# Files decoded, then scored, per step: the memory of one step is this many tensors per input convention.
+FILES_PER_BATCH = 64
+INPUT_KEYS = ("size", "clip_percentiles", "clahe", "zscore")
 
 
 def list_files(folder: str | Path) -> list[Path]:
@@ -59,45 +65,87 @@ def list_files(folder: str | Path) -> list[Path]:
     return sorted(entries)
 
 
-def input_convention(metadata: dict) -> tuple[int, tuple[float, float], bool]:
-    """(size, clip percentiles, CLAHE) of a model's input, from its metadata.json."""
-    spec = metadata["input"]
-    return int(spec["size"]), tuple(spec.get("clip_percentiles", (0.5, 99.5))), bool(spec.get("clahe", False))
+@dataclass(frozen=True)
+class ModelFolder:
+    """What predicting with one pathology's model needs, read from its model folder."""
+
+    pathology: str
+    model_path: str
+    metadata: dict
+    threshold: float
+    temperature: float | None
+
+    @property
+    def convention(self) -> tuple[int, tuple[float, float], bool]:
+        """How a file becomes the cached uint8 tensor (size, clip percentiles, CLAHE); z-score is applied later."""
+        spec = self.metadata["input"]
+        return int(spec["size"]), tuple(spec["clip_percentiles"]), bool(spec["clahe"])
 
 
-def predict_folder(folder: str | Path, models: dict[str, tuple[str | Path, str | Path]], quality: dict,
-                   thresholds: dict[str, float] | None = None, log=print) -> pd.DataFrame:
-    """models: pathology -> (model.pt, metadata.json). Returns one row per file: file, status, detail, qc_pass,
-    qc_reason, prob_<pathology> for each model and, where a threshold is given, call_<pathology> (1/0)."""
-    folder = Path(folder)
+def read_model_folder(pathology: str, model_path, metadata_path, threshold_path) -> ModelFolder:
+    """The pathology's model, its metadata.json and threshold.json; a file that lacks what prediction needs is a
+    CxrflowError naming it and the key."""
+    metadata, threshold = _read_json(metadata_path), _read_json(threshold_path)
+    missing = [f"input.{k}" for k in INPUT_KEYS if k not in metadata.get("input", {})]
+    missing += [] if "architecture" in metadata else ["architecture"]
+    if missing:
+        raise CxrflowError(f"{metadata_path}: no {', '.join(missing)}; retrain the model with this version of cxrflow")
+    if threshold.get("threshold") is None or "temperature" not in threshold:
+        raise CxrflowError(f"{threshold_path}: needs 'threshold' and 'temperature' (null without temperature "
+                           f"scaling); evaluation writes it: snakemake --forcerun evaluate")
+    return ModelFolder(pathology, str(model_path), metadata, float(threshold["threshold"]), threshold["temperature"])
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise CxrflowError(f"{path}: cannot read the model folder's file: {err}") from None
+
+
+def predict_folder(folder: str | Path, models: list[ModelFolder], quality: dict, device="cpu",
+                   batch: int = FILES_PER_BATCH, log=print) -> pd.DataFrame:
+    """One row per file: file, status, detail, qc_pass, qc_reason and, per model, prob_<pathology>,
+    prob_calibrated_<pathology> (with a temperature) and call_<pathology> (1/0 at the model's threshold)."""
+    from cxrflow.calibration import apply_temperature
+    from cxrflow.inference import Progress, amp_dtype_for, predict
+    from cxrflow.multilabel import load_for_pathology
+
+    folder, device = Path(folder), torch.device(device)
     files = list_files(folder)
-    metadata = {p: json.loads(Path(meta).read_text()) for p, (_, meta) in models.items()}
-    conventions = sorted({input_convention(m) for m in metadata.values()})
-    tensors: dict[tuple, list[np.ndarray | None]] = {}
+    networks = {m.pathology: load_for_pathology(m.model_path, m.metadata, m.pathology).to(device) for m in models}
+    conventions = sorted({m.convention for m in models})
+    probs = {m.pathology: np.full(len(files), np.nan) for m in models}
     records = []
-    for convention in conventions:
-        size, clip, clahe = convention
-        tensors[convention] = []
-        for path in files:
-            record, tensor = process_image(str(path), size, {"clip_percentiles": clip, "clahe": clahe})
-            tensors[convention].append(tensor)
+    progress = Progress("predict", len(files), log, unit="files")
+    for start in range(0, len(files), batch):
+        chunk = files[start : start + batch]
+        for convention in conventions:
+            size, clip, clahe = convention
+            results = [process_image(str(path), size, {"clip_percentiles": clip, "clahe": clahe}) for path in chunk]
             if convention == conventions[0]:
-                records.append(record)
+                records += [record for record, _ in results]
+            usable = [i for i, (_, tensor) in enumerate(results) if tensor is not None]
+            if not usable:
+                continue
+            images = np.stack([results[i][1] for i in usable])
+            for model in (m for m in models if m.convention == convention):
+                probs[model.pathology][start + np.asarray(usable)] = predict(
+                    networks[model.pathology], images, device, model.metadata["input"]["zscore"],
+                    amp_dtype=amp_dtype_for(device))
+        progress.update(len(chunk))
+    progress.close()
     table = pd.DataFrame.from_records(records).reindex(columns=["status", "detail", *METRICS])
     table.insert(0, "file", [p.relative_to(folder).as_posix() for p in files])
     judged = apply_rules(table, {**quality, "mode": "fixed"})  # robust bounds need a whole archive, not a few files
     out = judged[["file", "status", "detail", "qc_pass", "qc_reason"]].copy()
-    usable = np.flatnonzero((out["status"] == "ok").to_numpy())
-    for pathology, (model_path, _) in sorted(models.items()):
-        meta = metadata[pathology]
-        images = tensors[input_convention(meta)]
-        model = load_trained(model_path, meta["architecture"])
-        probs = np.full(len(out), np.nan)
-        if len(usable):
-            probs[usable] = predict(model, np.stack([images[i] for i in usable]), torch.device("cpu"), meta["input"]["zscore"])
-        out[f"prob_{pathology}"] = np.round(probs, 6)
-        if thresholds and pathology in thresholds:
-            call = pd.Series(probs >= thresholds[pathology], dtype="Int8").where(~np.isnan(probs))
-            out[f"call_{pathology}"] = call
-    log(f"predict: {len(out)} files, {len(usable)} scored; statuses {out['status'].value_counts().to_dict()}")
+    for model in sorted(models, key=lambda m: m.pathology):
+        scores = probs[model.pathology]
+        out[f"prob_{model.pathology}"] = np.round(scores, 6)
+        if model.temperature is not None:
+            out[f"prob_calibrated_{model.pathology}"] = np.round(apply_temperature(scores, model.temperature), 6)
+        # The threshold applies to the raw probability (threshold.json's applies_to).
+        out[f"call_{model.pathology}"] = pd.Series(scores >= model.threshold, dtype="Int8").where(~np.isnan(scores))
+    scored = int(np.isfinite(np.column_stack(list(probs.values()))).any(axis=1).sum()) if probs else 0
+    log(f"predict: {len(out)} files, {scored} scored on {device}; statuses {out['status'].value_counts().to_dict()}")
     return out

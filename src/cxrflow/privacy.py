@@ -20,10 +20,14 @@ import hashlib
 import pandas as pd
 
 # Whether a source may use the demo key is decided while planning the workflow too: it lives in cxrflow_plan.
-from cxrflow_plan import DEMO_KEY, KEY_VARIABLES, is_builtin_synthetic, pseudonym_key, source_key  # noqa: F401
+from cxrflow_plan import DEMO_KEY, KEY_VARIABLES, is_builtin_synthetic, mac_key, pseudonym_key, source_key  # noqa: F401
 
 # Catalog columns that carry no identifier, besides the label keys. Everything else stays private.
-SHAREABLE_COLUMNS = ("image_id", "patient_id", "sex", "age", "view", "study_year", "study_date_shifted",
+# `pixel_id` is a row number (the image's position among the rows ingest keeps, results/private/images.parquet),
+# not an identifier: it names no patient, file or date, and only the holder of the private source table can tie it
+# to one, as only the key holder can a pseudonym. It keys the pixel branch (shards, tensors), so that neither a
+# label edit nor a new pseudonym key re-decodes an image.
+SHAREABLE_COLUMNS = ("image_id", "pixel_id", "patient_id", "sex", "age", "view", "study_year", "study_date_shifted",
                      "quality_tag", "follow_up", "manufacturer", "site")
 MAX_AGE = 90
 # Domain separation: an image id and a patient id that happen to be the same string get unrelated pseudonyms.
@@ -34,10 +38,9 @@ def pseudonymize(ids: pd.Series, key: bytes) -> pd.Series:
     """Keyed BLAKE2b of each id (BLAKE2's built-in MAC mode), 16 hex digits. Each distinct id is hashed once;
     missing stays missing. One C call per id: a 2M-row archive's patients take well under a second."""
     codes, uniques = pd.factorize(ids.astype("string"), use_na_sentinel=True)
-    mac_key = key if len(key) <= 64 else hashlib.sha256(key).digest()  # BLAKE2b takes keys up to 64 bytes
-    blake2b = hashlib.blake2b
+    mac, blake2b = mac_key(key), hashlib.blake2b
     # tolist(): iterating an Arrow-backed Index costs about 1 us per item, more than the hash itself.
-    hashed = [blake2b(u.encode(), key=mac_key, digest_size=8).hexdigest() for u in map(str, uniques.tolist())]
+    hashed = [blake2b(u.encode(), key=mac, digest_size=8).hexdigest() for u in map(str, uniques.tolist())]
     out = pd.array(hashed, dtype="string").take(codes, allow_fill=True)
     return pd.Series(out, index=ids.index, name=ids.name)
 

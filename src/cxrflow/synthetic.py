@@ -126,19 +126,27 @@ _DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - F
 _CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 
 
-def generate(out_dir: Path, n_patients: int, seed: int, image_size: int = 256, bad_fraction: float = 0.03) -> dict:
+def generate(out_dir: Path, n_patients: int, seed: int, image_size: int = 256, bad_fraction: float = 0.03,
+             intensity_gamma: float = 1.0) -> dict:
     """Write a synthetic archive under ``out_dir`` and return counts of what was written.
 
     The same arguments give byte-identical files. The first ``k`` patients do not depend on ``n_patients``.
+    ``intensity_gamma`` imitates another site's exposure (an external test set, cxrflow.external): every image's
+    intensities in [0, 1] are raised to this power (< 1 brighter and flatter, > 1 darker). It is a power, not an
+    offset, so that the per-image percentile clipping of preprocessing does not undo it; 1.0 changes nothing.
     """
     if int(image_size) < 32:
         raise CxrflowError(f"synthetic: image_size must be at least 32 px, got {image_size}")
+    if not intensity_gamma > 0:
+        raise CxrflowError(f"synthetic: intensity_gamma must be positive, got {intensity_gamma}")
     studies = plan_archive(n_patients, seed, bad_fraction)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     for study in studies:
         image = render(study["drawn"], _rng(seed, *study["key"], 1), int(image_size), sex=study["sex"])
         image = spoil(image, study["quality"], _rng(seed, *study["key"], 3))
+        if intensity_gamma != 1.0:
+            image = np.power(image, np.float32(intensity_gamma))
         if study["format"].startswith("dicom"):
             _write_dicom(out_dir / study["file"], image, study, seed)
         else:

@@ -1,4 +1,9 @@
-"""Training one binary classifier from a split manifest and the tensor cache.
+"""Training from a split manifest and the tensor cache: one binary classifier per finding (`train`), or one
+multi-label network (`cxrflow.multilabel.train_multilabel`); both run the one epoch loop here (`fit`, given a `Task`).
+
+Streaming: each step's images are read as slices of the memory-mapped cache when the step comes
+(`cxrflow.datasets.read_batches`, a seeded permutation of row numbers), and validation streams too
+(`cxrflow.inference.predict_cached`), so peak memory is the model and a few batches, whatever the cohort's size.
 
 Resumable: after every epoch a checkpoint (weights, optimizer, scheduler, history) is written atomically.
 A restarted job continues from the last finished epoch. Every random draw of an epoch is seeded from
@@ -32,15 +37,16 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 
+from cxrflow.datasets import loader_workers, read_batches
 from cxrflow.devices import acquire_slot, visible_devices
 from cxrflow.errors import CxrflowError
+from cxrflow.inference import Progress, amp_dtype_for, predict_cached, prepare_batch
 from cxrflow.io import atomic_path, write_csv, write_json
 from cxrflow.models import build_model
 
@@ -129,29 +135,6 @@ class BatchAugment:
         span = x.amax(dim=(1, 2, 3), keepdim=True) - low
         gamma = p["gamma"].to(x.device, x.dtype).view(-1, 1, 1, 1)
         return ((x - low) / (span + 1e-7)).pow(gamma) * span + low
-
-
-def prepare_batch(images_uint8: np.ndarray, device: torch.device, zscore: bool, augment: BatchAugment | None = None,
-                  generator: torch.Generator | None = None, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N, H, W) from the tensor cache -> the model's float input (N, 1, H, W) on `device`.
-
-    The uint8 images travel to the device (a quarter of the bytes of float); the conversion, the augmentation
-    and the per-image z-score run there. The convention is the one recorded in metadata.json: value / 255, then
-    a per-image z-score if `image.zscore`.
-    """
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8))
-    if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    x = x.float().div_(255.0).unsqueeze(1)
-    if augment is not None:
-        x = augment(x, generator)
-    if zscore:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
-        x = (x - mean) / std
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def forward_backward(model, x: torch.Tensor, y: torch.Tensor, loss_fn, amp_dtype, scaler, weight: float = 1.0) -> torch.Tensor:
@@ -264,30 +247,6 @@ def accumulate_step(model, batch_index: torch.Tensor, micro: int, micro_step, op
         log(f"out of GPU memory: the micro-batch is halved to {micro} and the step redone")
 
 
-def amp_dtype_for(device: torch.device):
-    """bf16 where the card has it (no loss scaling needed), else fp16; None (fp32) on the CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-@torch.no_grad()
-def predict(model, images: np.ndarray, device, zscore: bool, batch: int = 64, amp_dtype=None) -> np.ndarray:
-    """P(finding) for uint8 images (N, H, W), in batches, without augmentation."""
-    device = torch.device(device)
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch):
-        x = prepare_batch(images[start : start + batch], device, zscore, channels_last=device.type == "cuda")
-        if amp_dtype is not None:
-            with torch.autocast(device.type, dtype=amp_dtype):
-                logits = model(x)
-        else:
-            logits = model(x)
-        out.append(torch.sigmoid(logits.float()).squeeze(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
 @dataclass
 class TrainResult:
     best_epoch: int
@@ -324,14 +283,65 @@ def resume(checkpoint_path: Path, run_hash: str, model, optimizer, scheduler, sc
     return history, int(state["epoch"]) + 1, best
 
 
-def train(manifest: pd.DataFrame, cache: "TensorCache", cfg: dict, pathology: str, out_dir: str | Path,
-          seed: int, log=print) -> TrainResult:
-    """Train on the manifest's train split, select on val AUC; writes best.pt and checkpoint.pt into out_dir."""
+@dataclass
+class Task:
+    """What a training mode decides; `fit` does the rest, the same for both modes (device, epochs, micro-batches,
+    checkpoints, early stopping, history).
+
+    The binary model of one finding (`train`) and the multi-label network (`cxrflow.multilabel.train_multilabel`)
+    differ only here: the training images (`train_ids`), their targets (images, outputs: 1, 0, or NaN where a label
+    is undefined) and per-label loss weights of the same shape, the loss `loss(logits, targets, weights)`, the
+    validation images, and `score(val probabilities (images, outputs)) -> {"val_auc": the score that selects the
+    epoch, further history columns}`. `build()` makes the network; it runs after the seed is set.
+    """
+
+    train_ids: np.ndarray
+    targets: torch.Tensor
+    weights: torch.Tensor
+    val_ids: np.ndarray
+    loss: Callable
+    score: Callable[[np.ndarray], dict]
+    build: Callable[[], torch.nn.Module]
+
+
+@dataclass
+class Fitted:
+    """The outcome of `fit`: the best epoch, the history, and how the run went (recorded in metadata.json)."""
+
+    best_epoch: int
+    best_val_auc: float
+    history: pd.DataFrame
+    effective_batch: int
+    micro_batch: int
+    augment: BatchAugment
+    device: torch.device
+    amp_dtype: object
+
+
+def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The binary models' loss: BCE with per-image weights (`sample_weights`), averaged over the images."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, weight=weights)
+
+
+def output_aucs(labels: np.ndarray, probs: np.ndarray) -> list[float]:
+    """ROC AUC of each output (column) over the images whose label is defined (not NaN); NaN where one class is
+    missing."""
+    from sklearn.metrics import roc_auc_score  # here: importing scikit-learn pulls in SciPy
+
+    aucs = []
+    for k in range(labels.shape[1]):
+        known = ~np.isnan(labels[:, k])
+        y = labels[known, k]
+        aucs.append(float(roc_auc_score(y, probs[known, k])) if len(np.unique(y)) == 2 else float("nan"))
+    return aucs
+
+
+def fit(task: Task, cache: "TensorCache", cfg: dict, out_dir: str | Path, seed: int, run_hash: str,
+        log=print) -> Fitted:
+    """Train `task` on this process's device slot, select the epoch on the validation score; writes best.pt (the
+    best epoch's weights) and checkpoint.pt (resumable) into out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg, train_cfg = cfg["model"], cfg["train"]
-    run_hash = config_hash(model_cfg, train_cfg, cfg["image"], seed, pathology, manifest.to_dict("list"))
-
     torch.manual_seed(seed)
     slot = acquire_slot(visible_devices(torch.cuda.device_count()))
     device = torch.device(slot.device)
@@ -343,32 +353,15 @@ def train(manifest: pd.DataFrame, cache: "TensorCache", cfg: dict, pathology: st
     log(f"device {device} (visible id {slot.visible_id}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}, "
         f"SLURM_JOB_ID={os.environ.get('SLURM_JOB_ID')})")
     try:
-        return _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log)
+        return _epochs(task, cache, cfg, out_dir, seed, run_hash, device, log)
     finally:
         slot.release()
 
 
-def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) -> TrainResult:
-    from cxrflow.tensors import INTENSITY_CONVENTION
-
-    model_cfg, train_cfg, image_cfg = cfg["model"], cfg["train"], cfg["image"]
+def _epochs(task: Task, cache, cfg, out_dir: Path, seed, run_hash, device, log) -> Fitted:
+    train_cfg, image_cfg = cfg["train"], cfg["image"]
     size, zscore = image_cfg["size"], image_cfg.get("zscore", False)
-    train_rows = manifest[manifest["split"] == "train"].reset_index(drop=True)
-    if train_cfg.get("permute_labels", False):
-        # The learning control: labels shuffled among the training images, so nothing but an artefact of the
-        # pipeline can be learned; the test AUC of such a model must be at chance (benchmarks/learning_control.py).
-        shuffled = np.random.default_rng([seed, 7]).permutation(train_rows["label"].to_numpy())
-        train_rows = train_rows.assign(label=shuffled)
-        log(f"CONTROL: the {len(shuffled)} training labels are permuted (train.permute_labels)")
-    val_rows = manifest[manifest["split"] == "val"].reset_index(drop=True)
-    if train_cfg.get("permute_labels", False):
-        # Model selection reads the validation labels: permuted too, or choosing the epoch would leak the truth.
-        val_rows = val_rows.assign(label=np.random.default_rng([seed, 8]).permutation(val_rows["label"].to_numpy()))
-    train_images = cache.load(train_rows["image_id"])
-    val_images = cache.load(val_rows["image_id"])
-    labels = torch.tensor(train_rows["label"].to_numpy(), dtype=torch.float32)
-
-    model = build_model(model_cfg).to(device)
+    model = task.build().to(device)
     use_cuda = device.type == "cuda"
     amp_dtype = amp_dtype_for(device)
     if use_cuda:
@@ -376,18 +369,15 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
     effective = train_cfg["batch_size"]
     micro = pick_micro_batch(model, size, effective, device, amp_dtype)
     # Whole batches only (the remainder is a different random few each epoch): a batch of one breaks BatchNorm.
-    steps_per_epoch = max(1, len(train_rows) // effective)
-    epochs = train_cfg["epochs"]
+    steps_per_epoch = max(1, len(task.train_ids) // effective)
     optimizer, scheduler, scaler = optimization(model, train_cfg, steps_per_epoch, amp_dtype)
-    weighting = train_cfg.get("weighting", "class")
-    weights = torch.tensor(sample_weights(train_rows, weighting), dtype=torch.float32)
     augment = BatchAugment.from_config(train_cfg.get("augment", {}))
 
     checkpoint_path = out_dir / "checkpoint.pt"
     history, start_epoch, best = resume(checkpoint_path, run_hash, model, optimizer, scheduler, scaler, log)
 
     patience = train_cfg.get("early_stopping_patience")
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, train_cfg["epochs"]):
         if patience and epoch - best["epoch"] > patience:
             log(f"early stop at epoch {epoch}: no val AUC gain for {patience} epochs")
             break
@@ -395,31 +385,39 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
         model.train()
         # Every draw of the epoch (order and augmentation) comes from this generator: resumable, device-independent.
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(len(train_rows), generator=generator)
+        order = torch.randperm(len(task.train_ids), generator=generator)
+        batches = [order[step * effective : (step + 1) * effective] for step in range(steps_per_epoch)]
         total_loss = torch.zeros((), device=device)
+        progress = Progress(f"epoch {epoch}", steps_per_epoch, log, unit="steps")
+        # Each step's images are read from the memory-mapped cache when the step comes (ahead by loader workers on
+        # a GPU); the micro-batches index that one batch.
+        reader = read_batches(cache, task.train_ids, [b.numpy() for b in batches], loader_workers(device), use_cuda)
+        for batch_index, images in zip(batches, reader):
+            images = images.to(device, non_blocking=True)
+            targets, weights = task.targets[batch_index], task.weights[batch_index]
 
-        def micro_step(chunk, share):
-            x = prepare_batch(train_images[chunk.numpy()], device, zscore, augment, generator, channels_last=use_cuda)
-            y = labels[chunk].to(device, non_blocking=True).unsqueeze(1)
-            w = weights[chunk].to(device, non_blocking=True).unsqueeze(1)
-            loss_fn = functools.partial(torch.nn.functional.binary_cross_entropy_with_logits, weight=w)
-            return forward_backward(model, x, y, loss_fn, amp_dtype, scaler, weight=share)
+            def micro_step(chunk, share):
+                x = prepare_batch(images[chunk.to(device)], device, zscore, augment, generator, channels_last=use_cuda)
+                y = targets[chunk].to(device, non_blocking=True)
+                loss_fn = functools.partial(task.loss, weights=weights[chunk].to(device, non_blocking=True))
+                return forward_backward(model, x, y, loss_fn, amp_dtype, scaler, weight=share)
 
-        for step in range(steps_per_epoch):
-            batch_index = order[step * effective : (step + 1) * effective]
-            loss, micro = accumulate_step(model, batch_index, micro, micro_step, optimizer, generator, log)
+            loss, micro = accumulate_step(model, torch.arange(len(batch_index)), micro, micro_step, optimizer, generator,
+                                          log)
             total_loss += loss
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-        val_prob = predict(model, val_images, device, zscore, amp_dtype=amp_dtype)
-        val_auc = float(roc_auc_score(val_rows["label"], val_prob)) if val_rows["label"].nunique() == 2 else float("nan")
-        record = {"epoch": epoch, "train_loss": float(total_loss) / max(1, steps_per_epoch * effective), "val_auc": val_auc,
+            progress.update()
+        progress.close()
+        val_prob = predict_cached(model, cache, task.val_ids, device, zscore, amp_dtype=amp_dtype, log=log)
+        scores = task.score(val_prob.reshape(len(task.val_ids), task.targets.shape[1]))
+        record = {"epoch": epoch, "train_loss": float(total_loss) / max(1, steps_per_epoch * effective), **scores,
                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started}
         history.append(record)
         log(json.dumps(record))
-        if val_auc > best["val_auc"]:
-            best = {"epoch": epoch, "val_auc": val_auc}
+        if record["val_auc"] > best["val_auc"]:
+            best = {"epoch": epoch, "val_auc": record["val_auc"]}
             with atomic_path(out_dir / "best.pt") as tmp:
                 torch.save(model.state_dict(), tmp)
         with atomic_path(checkpoint_path) as tmp:
@@ -429,35 +427,75 @@ def _fit(manifest, cache, cfg, pathology, out_dir, seed, run_hash, device, log) 
                 "history_columns": list(record), "history": [list(h.values()) for h in history],
                 "best_epoch": best["epoch"], "best_val_auc": best["val_auc"],
             }, tmp)
+    return Fitted(best["epoch"], best["val_auc"], pd.DataFrame(history), effective, micro, augment, device, amp_dtype)
 
-    history_frame = pd.DataFrame(history)
-    metadata = {
-        "pathology": pathology,
-        "label_key": cfg["cohorts"]["pathologies"][pathology]["positive"],
+
+def run_metadata(fitted: Fitted, cfg: dict, run_hash: str) -> dict:
+    """The metadata.json entries both modes write: the network, its input convention, and how it was trained."""
+    from cxrflow.tensors import INTENSITY_CONVENTION
+
+    model_cfg, image_cfg, device = cfg["model"], cfg["image"], fitted.device
+    return {
         "architecture": {"library": model_cfg.get("library", "timm"), "name": model_cfg["name"],
                          **({"variant": model_cfg["variant"]} if "variant" in model_cfg else {})},
-        "input": {"size": size, "channels": 1, "intensity": INTENSITY_CONVENTION, "zscore": zscore,
+        "input": {"size": image_cfg["size"], "channels": 1, "intensity": INTENSITY_CONVENTION,
+                  "zscore": image_cfg.get("zscore", False),
                   "clip_percentiles": list(image_cfg.get("clip_percentiles", (0.5, 99.5))),
                   "clahe": image_cfg.get("clahe", False)},
-        "output": "one logit; sigmoid gives P(finding)",
-        "best_epoch": best["epoch"],
-        "best_val_auc": best["val_auc"],
-        "epochs_run": len(history),
-        "effective_batch": effective,
-        "micro_batch": micro,
-        "batchnorm_images": micro,
-        "loss_weighting": weighting,
-        "permuted_labels": bool(train_cfg.get("permute_labels", False)),
-        "augmentation": {"batched_on_device": True, **asdict(augment)},
+        "best_epoch": fitted.best_epoch,
+        "best_val_auc": fitted.best_val_auc,
+        "epochs_run": len(fitted.history),
+        "effective_batch": fitted.effective_batch,
+        "micro_batch": fitted.micro_batch,
+        "batchnorm_images": fitted.micro_batch,
+        "loss_weighting": cfg["train"].get("weighting", "class"),
+        "augmentation": {"batched_on_device": True, **asdict(fitted.augment)},
         "versions": _versions(),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
         "config_hash": run_hash,
         "runtime": {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+                    "amp_dtype": str(fitted.amp_dtype).removeprefix("torch.") if fitted.amp_dtype else "float32",
                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
     }
-    return TrainResult(best["epoch"], best["val_auc"], history_frame, metadata)
+
+
+def train(manifest: pd.DataFrame, cache: "TensorCache", cfg: dict, pathology: str, out_dir: str | Path,
+          seed: int, log=print) -> TrainResult:
+    """Train on the manifest's train split, select on val AUC; writes best.pt and checkpoint.pt into out_dir."""
+    model_cfg, train_cfg = cfg["model"], cfg["train"]
+    run_hash = config_hash(model_cfg, train_cfg, cfg["image"], seed, pathology, manifest.to_dict("list"))
+    train_rows = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    val_rows = manifest[manifest["split"] == "val"].reset_index(drop=True)
+    permuted = bool(train_cfg.get("permute_labels", False))
+    if permuted:
+        # The learning control: labels shuffled among the training images, so nothing but an artefact of the
+        # pipeline can be learned; the test AUC of such a model must be at chance (benchmarks/learning_control.py).
+        shuffled = np.random.default_rng([seed, 7]).permutation(train_rows["label"].to_numpy())
+        train_rows = train_rows.assign(label=shuffled)
+        log(f"CONTROL: the {len(shuffled)} training labels are permuted (train.permute_labels)")
+        # Model selection reads the validation labels: permuted too, or choosing the epoch would leak the truth.
+        val_rows = val_rows.assign(label=np.random.default_rng([seed, 8]).permutation(val_rows["label"].to_numpy()))
+    weighting = train_cfg.get("weighting", "class")
+    val_labels = val_rows[["label"]].to_numpy(dtype=float)
+    task = Task(
+        train_ids=train_rows["image_id"].to_numpy(dtype=object),
+        targets=torch.tensor(train_rows[["label"]].to_numpy(), dtype=torch.float32),
+        weights=torch.tensor(sample_weights(train_rows, weighting), dtype=torch.float32).unsqueeze(1),
+        val_ids=val_rows["image_id"].to_numpy(dtype=object),
+        loss=weighted_bce,
+        score=lambda probs: {"val_auc": output_aucs(val_labels, probs)[0]},
+        build=lambda: build_model(model_cfg),
+    )
+    fitted = fit(task, cache, cfg, out_dir, seed, run_hash, log)
+    metadata = {
+        "pathology": pathology,
+        "label_key": cfg["cohorts"]["pathologies"][pathology]["positive"],
+        **run_metadata(fitted, cfg, run_hash),
+        "output": "one logit; sigmoid gives P(finding)",
+        "permuted_labels": permuted,
+    }
+    return TrainResult(fitted.best_epoch, fitted.best_val_auc, fitted.history, metadata)
 
 
 def finish(result: TrainResult, out_dir: str | Path, model_out, metadata_out, history_out) -> None:

@@ -20,6 +20,7 @@ from cxrflow_plan import (
     check_config,
     enabled_pathologies,
     is_builtin_synthetic,
+    key_fingerprint,
     load_keys,
     schema_errors,
     source_key,
@@ -46,7 +47,7 @@ try:
     check_config(config, Path("."))
     PATHOLOGIES = enabled_pathologies(config["cohorts"])
     # A real archive without a pseudonym key stops before any job.
-    source_key(config["source"], written=False)
+    KEY_FINGERPRINT = key_fingerprint(source_key(config["source"], written=False))
 except CxrflowError as err:
     sys.exit(f"cxrflow config error: {err}")
 
@@ -62,6 +63,40 @@ if SHOW_IMAGES is None:
 wildcard_constraints:
     pathology="|".join(PATHOLOGIES),
     shard=r"\d{4}",
+
+
+# --- the pixel branch: image index -> candidates -> shards (workflow/rules/ingest.smk, tensors.smk) ---------------
+
+# Source settings that shape the labels alone: the pixel branch neither reads them nor reruns when they change.
+LABEL_ONLY_SOURCE_SETTINGS = ("vocabulary", "label_map", "uncertain", "unmentioned", "combine")
+
+
+def image_index_inputs(wildcards):
+    """The source's tables that build_catalog reads for pixels only (cxrflow.ingest): those that decide which images
+    exist and where. VinDr's image-level label table names images of its own; MIMIC's label table does not. Not
+    the vocabulary, the label map or the label keys."""
+    source = config["source"]
+    tables = ["annotations", "patients"] + (["labels"] if source["format"] == "vindr" else [])
+    return {key: source[key] for key in tables if source.get(key)}
+
+
+def pixel_source_settings():
+    """The source settings without those of the labels (and without the notes' column, which pixels never read)."""
+    settings = {k: v for k, v in config["source"].items() if k not in LABEL_ONLY_SOURCE_SETTINGS}
+    if "columns" in settings:
+        settings["columns"] = {k: v for k, v in settings["columns"].items() if k != "text"}
+    return settings
+
+
+def candidate_filters():
+    """The pre-filter before any decode: the metadata filters (view, sex, age) of every consumer of the pixels, as a
+    union. The cohorts share cohorts.filters; multi-label training with train.auxiliary_images: catalog also takes
+    every QC-passed image in the views (men and any age included)."""
+    filters = {key: config["cohorts"]["filters"].get(key) for key in ("views", "sex", "age")}
+    train = config["train"]
+    if MULTILABEL and train["auxiliary_keys"] and train["auxiliary_images"] == "catalog":
+        filters |= {"sex": None, "age": None}
+    return filters
 
 
 def preprocess_shards(wildcards):
@@ -140,9 +175,10 @@ def shard_image_settings():
 
 
 def ingest_inputs(wildcards):
-    """The source's tables and label files, so that editing one reruns ingest. A dicom source may have no table."""
+    """The source's tables and label files, so that editing one reruns ingest (a dicom source may have no table),
+    and the image index, whose pixel_id the catalog takes."""
     source = config["source"]
-    inputs = {"label_keys": config["labels"]["keys"]}
+    inputs = {"label_keys": config["labels"]["keys"], "images": "results/private/images.parquet"}
     for key in ("annotations", "labels", "patients", "label_map", "vocabulary"):
         if source.get(key):
             inputs[key] = source[key]
@@ -150,8 +186,12 @@ def ingest_inputs(wildcards):
 
 
 def evaluation_settings(wildcards):
-    """What an evaluation depends on: the model's settings plus the evaluation's own."""
-    return training_settings(wildcards) | {"evaluate": config["evaluate"]}
+    """What an evaluation depends on: the model's settings, the evaluation's own, and the cohort's definition, which
+    it writes into the model folder (label.json)."""
+    return training_settings(wildcards) | {
+        "evaluate": config["evaluate"],
+        "cohorts": cohort_settings(wildcards),
+    }
 
 
 # --- free-text label coverage and audit (workflow/rules/labels.smk) ---------------------------------------------
@@ -277,3 +317,97 @@ def trained_model(wildcards):
 def model_metadata(wildcards):
     """The metadata.json of the model a pathology is evaluated with: its own, or the multi-label model's."""
     return trained_model(wildcards)["metadata"]
+
+
+def prediction_models(wildcards):
+    """Prediction reads model folders only; per pathology, the network it is scored with (its own, or the
+    multi-label one), that network's metadata.json (input convention) and the pathology's threshold.json.
+    """
+    from types import SimpleNamespace
+
+    chosen = [trained_model(SimpleNamespace(pathology=p)) for p in PATHOLOGIES]
+    return {
+        "models": [files["model"] for files in chosen],
+        "metadata": [files["metadata"] for files in chosen],
+        "thresholds": expand("results/models/{pathology}/threshold.json", pathology=PATHOLOGIES),
+    }
+
+
+# --- external evaluation: trained here, tested there (workflow/rules/external.smk) ----------------------------
+
+
+def external_source(name):
+    """The external source `name`, as the main source is checked: the same schema (and its defaults), the same
+    checks, bundled vocabularies and label maps found as for source:. An entry is a source: section, or the path of
+    a YAML file holding one."""
+    import copy
+
+    import yaml
+
+    entry = config["external"][name]
+    where = f"external.{name}"
+    try:
+        if isinstance(entry, str):
+            where = f"external.{name} ({entry})"
+            if not Path(entry).is_file():
+                raise CxrflowError(f"no such file: {entry}")
+            entry = yaml.safe_load(Path(entry).read_text(encoding="utf-8"))
+            if not isinstance(entry, dict) or not isinstance(entry.get("source"), dict):
+                raise CxrflowError("expected a YAML file with a `source:` section")
+        checked = copy.deepcopy({**config, "source": entry["source"], "external": {}})
+        schema_errors(checked, WORKFLOW_DIR / "workflow/schemas/config.schema.yaml")
+        validate(checked, schema="../schemas/config.schema.yaml")  # fills in the source's defaults
+        for key in ("vocabulary", "label_map"):
+            if checked["source"].get(key):
+                checked["source"][key] = bundled_file(checked["source"][key])
+        check_config(checked, Path("."))
+        if not checked["source"]["check_files"]:
+            raise CxrflowError(
+                "source.check_files: false (metadata only), but the models score images: point "
+                "source.images at them and set check_files: true"
+            )
+    except CxrflowError as err:
+        sys.exit(f"cxrflow config error: {where}: {err}")
+    return checked["source"]
+
+
+EXTERNAL = {name: external_source(name) for name in config["external"]}
+
+
+def external_targets():
+    """Each external source's metrics table, a target of `all`; none when `external:` is empty (the default)."""
+    return expand("results/external/{name}/metrics_table.md", name=list(EXTERNAL))
+
+
+def external_catalog_inputs(wildcards):
+    """The external source's tables and label files (as ingest_inputs for the main source), and the label keys."""
+    source = EXTERNAL[wildcards.name]
+    inputs = {"label_keys": config["labels"]["keys"]}
+    for key in ("annotations", "labels", "patients", "label_map", "vocabulary"):
+        if source.get(key):
+            inputs[key] = source[key]
+    return inputs
+
+
+def external_source_settings(wildcards):
+    return EXTERNAL[wildcards.name]
+
+
+def external_inputs(wildcards):
+    """The external catalogs, and the model folders (as the predict rule reads them) with each model's figures on
+    the main test split, shown beside the external ones."""
+    return prediction_models(wildcards) | {
+        "catalog": f"results/external/{wildcards.name}/catalog.parquet",
+        "private_catalog": f"results/private/external/{wildcards.name}/catalog.parquet",
+        "label_keys": config["labels"]["keys"],
+        "internal_metrics": expand("results/metrics/{pathology}.json", pathology=PATHOLOGIES),
+    }
+
+
+def external_settings():
+    """What an external evaluation depends on besides its inputs: the main run's cohort rules, image settings, QC
+    rules and evaluation settings, and how the test set is drawn (split.test_prevalence)."""
+    return {key: config[key] for key in ("seed", "cohorts", "image", "quality", "evaluate")} | {
+        "cohorts": config["cohorts"] | {"enabled": PATHOLOGIES},
+        "split": {"test_prevalence": config["split"]["test_prevalence"]},
+    }

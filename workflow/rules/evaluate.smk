@@ -8,7 +8,10 @@ rule evaluate:
     output:
         metrics="results/metrics/{pathology}.json",
         predictions="results/predictions/{pathology}.csv",
+        # The model folder describes itself: the decision threshold and the label definition sit beside the
+        # weights, so that predict needs nothing but model folders.
         threshold="results/models/{pathology}/threshold.json",
+        label="results/models/{pathology}/label.json",
         subgroups=report(
             "results/subgroups/{pathology}.csv",
             caption="../report/subgroups.rst",
@@ -57,8 +60,11 @@ rule evaluate:
     retries: 2
     conda:
         "../../envs/train.yaml"
-    threads: 1
+    # On a GPU when training gets one (train.smk); predicting streams batches from the memory-mapped cache, so the
+    # memory is the model and a few batches whatever the cohort's size.
+    threads: 2
     resources:
+        gpu=1,
         mem_mb=4000,
         runtime=60,
     params:

@@ -1,7 +1,10 @@
+# Quality and duplicates read the shards by pixel_id and write by image pseudonym (the catalog translates): cheap
+# jobs that rerun after a label edit, while the shards do not.
 rule quality:
     input:
         unpack(preprocess_shards),
         catalog="results/catalog.parquet",
+        prefiltered="results/preprocess/prefiltered.parquet",
         ingest_ledger="results/ingest/ledger.csv",
     output:
         metrics="results/quality/metrics.parquet",
@@ -24,6 +27,8 @@ rule quality:
         ledger="results/ledger.csv",
     log:
         "results/logs/quality.log",
+    benchmark:
+        "results/benchmarks/quality.tsv"
     conda:
         "../../envs/data.yaml"
     params:
@@ -36,6 +41,7 @@ rule quality:
 rule duplicates:
     input:
         tables=shard_tables,
+        catalog="results/catalog.parquet",
     output:
         duplicates="results/quality/duplicates.parquet",
     log:

@@ -20,5 +20,7 @@ with script(snakemake):
         catalog_path=snakemake.input.catalog,
         reliability_out=snakemake.output.reliability,
         threshold_out=snakemake.output.threshold,
+        label_out=snakemake.output.label,
         subgroups_out=snakemake.output.subgroups,
+        threads=snakemake.threads,
     )

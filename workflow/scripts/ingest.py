@@ -12,4 +12,5 @@ with script(snakemake):
         snakemake.output.private_catalog,
         snakemake.output.private_ledger,
         workers=snakemake.threads,
+        images_path=snakemake.input.get("images"),  # none for an external source: its images are not sharded
     )

@@ -6,8 +6,9 @@ with script(snakemake):
         snakemake.input.images,
         snakemake.input.models,
         snakemake.input.metadata,
-        snakemake.input.metrics,
+        snakemake.input.thresholds,
         snakemake.params.pathologies,
         snakemake.params.quality,
         snakemake.output.probabilities,
+        threads=snakemake.threads,
     )

@@ -3,7 +3,7 @@ from cxrflow.pipeline import run_preprocess_shard
 
 with script(snakemake):
     run_preprocess_shard(
-        snakemake.input.catalog,
+        snakemake.input.candidates,
         int(snakemake.wildcards.shard),
         snakemake.params.n_shards,
         snakemake.params.image,

@@ -12,4 +12,5 @@ with script(snakemake):
         snakemake.output.summary,
         snakemake.output.sheets,
         snakemake.output.ledger,
+        prefiltered_path=snakemake.input.prefiltered,
     )

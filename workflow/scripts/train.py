@@ -11,4 +11,5 @@ with script(snakemake):
         snakemake.output.model,
         snakemake.output.metadata,
         snakemake.output.history,
+        threads=snakemake.threads,
     )

@@ -13,5 +13,6 @@ with script(snakemake) as log:
         catalog_path=snakemake.input.get("catalog"),
         quality_path=snakemake.input.get("quality"),
         duplicates_path=snakemake.input.get("duplicates"),
+        threads=snakemake.threads,
         log=log.info,
     )
