@@ -57,13 +57,17 @@ def table(rows, encoding="utf-8", bom=False, header=COLUMNS) -> bytes:
 
 def assert_accounting(workdir: Path, input_rows: int, left_out=None) -> None:
     """After every run: each input row is a catalog row or a ledger row (of the reasons that leave a row out, when
-    the ledger also holds flags), and every catalog image has a QC verdict (pass, or a reason)."""
-    catalog = pd.read_parquet(workdir / "results/catalog.parquet", columns=["image_id"])
+    the ledger also holds flags), and every catalog image has a QC verdict (pass, or a reason) or was left out by
+    the pre-filter, never both."""
+    catalog = pd.read_parquet(workdir / "results/catalog.parquet", columns=["image_id", "pixel_id"])
     ledger = pd.read_csv(workdir / "results/ingest/ledger.csv", dtype=str)
     ledgered = int(ledger["reason"].isin(left_out).sum()) if left_out else len(ledger)
     assert len(catalog) + ledgered == input_rows, (len(catalog), ledgered, input_rows, ledger["reason"].value_counts())
     quality = pd.read_parquet(workdir / "results/quality/metrics.parquet")
-    assert sorted(quality["image_id"]) == sorted(catalog["image_id"]), "QC covers the catalog exactly"
+    prefiltered = pd.read_parquet(workdir / "results/preprocess/prefiltered.parquet", columns=["pixel_id"])
+    candidates = catalog.loc[~catalog["pixel_id"].isin(prefiltered["pixel_id"]), "image_id"]
+    assert len(candidates) + len(prefiltered) == len(catalog), "the pre-filter lists catalog images only"
+    assert sorted(quality["image_id"]) == sorted(candidates), "QC covers the pre-filter's candidates exactly"
     verdict = quality["qc_pass"].fillna(False).astype(bool) | quality["qc_reason"].notna()
     assert verdict.all() and quality["qc_pass"].notna().all(), quality.loc[~verdict, "image_id"].tolist()
 
@@ -175,8 +179,10 @@ def test_monochrome1_is_inverted_like_its_monochrome2_twin(hostile_run):
     workdir, _ = hostile_run
     from cxrflow.tensors import TensorCache
 
-    cache = TensorCache.open(workdir / "results/preprocess/shards/0000.parquet", [])
+    # The shards are keyed by pixel_id; the catalog maps it to the pseudonym (as rule tensor_index does).
     index = pd.concat([pd.read_parquet(p) for p in sorted((workdir / "results/preprocess/shards").glob("*.parquet"))])
+    index = index.merge(pd.read_parquet(workdir / "results/catalog.parquet", columns=["image_id", "pixel_id"]),
+                        on="pixel_id", validate="one_to_one")
     shards = {int(p.stem.split("_")[-1]): str(p) for p in (workdir / "results/tensors").glob("shard_*.npy")}
     cache = TensorCache(index[index["status"] == "ok"].set_index("image_id")[["shard", "row"]], shards)
     ids = {source: shared for shared, source in source_ids(workdir).items()}
@@ -239,7 +245,9 @@ def test_a_dicom_folder_without_a_table_takes_patients_from_the_tags(tmp_path):
     assert "P-HOSTILE" not in set(catalog["patient_id"]), "the patient id is pseudonymized"
     assert by_file["pipe.png"] == "not_a_file", "a FIFO is left out with its reason, never opened"
     quality = pd.read_parquet(workdir / "results/quality/metrics.parquet").set_index("image_id")
-    assert len(quality) == len(catalog)
+    # Images no cohort can take (view, sex, age) are not decoded: the pre-filter lists them instead.
+    prefiltered = pd.read_parquet(workdir / "results/preprocess/prefiltered.parquet")
+    assert len(quality) + len(prefiltered) == len(catalog)
     assert_accounting(workdir, len(expected), LEFT_OUT_AT_INGEST)
 
 
