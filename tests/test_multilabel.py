@@ -106,10 +106,58 @@ def test_shared_split_moves_units_when_other_cohorts_placed_all_of_a_class():
     assert needed > 0
 
 
-def test_shared_split_refuses_a_natural_test_prevalence_and_conflicting_patient_ids():
+def pooled_cohorts(n_cohorts=6, n_patients=900, seed=0) -> dict[str, pd.DataFrame]:
+    """Cohorts before balancing, as build_cohort(with_pool=True) gives them: each its positives against the whole
+    shared normal pool, and `selected` marking the balanced cohort (all positives, as many negatives drawn)."""
+    rng = np.random.default_rng(seed)
+    images = {p: [f"p{p:04d}_{i}" for i in range(rng.integers(1, 4))] for p in range(n_patients)}
+    normal = rng.random(n_patients) < 0.6
+    cohorts = {}
+    for c in range(n_cohorts):
+        positive = np.flatnonzero(~normal & (rng.random(n_patients) < 0.15))
+        rows = [(img, f"P{p:04d}", 1) for p in positive for img in images[p]]
+        rows += [(img, f"P{p:04d}", 0) for p in np.flatnonzero(normal) for img in images[p]]
+        pool = pd.DataFrame(rows, columns=["image_id", "patient_id", "label"])
+        keep = rng.choice(pool.index[pool["label"] == 0], size=int(pool["label"].sum()), replace=False)
+        cohorts[f"finding_{c}"] = pool.assign(selected=(pool["label"] == 1) | pool.index.isin(keep))
+    return cohorts
+
+
+def test_shared_split_with_a_natural_test_prevalence_leaks_nothing_and_keeps_train_and_val():
+    cohorts = pooled_cohorts()
+    balanced = shared_split(cohorts, SPLIT, 42)
+    natural = shared_split(cohorts, {**SPLIT, "test_prevalence": "natural"}, 42)
+    assert leaked_patients(natural) == set()
+    fitted = set().union(*(set(m.loc[m["split"] != "test", "image_id"]) for m in natural.values()))
+    in_any_cohort_proper = set().union(*(set(c.loc[c["selected"], "patient_id"]) for c in cohorts.values()))
+    test_patients = set().union(*(set(m.loc[m["split"] == "test", "patient_id"]) for m in balanced.values()))
+    added_total = 0
+    for pathology, manifest in natural.items():
+        cohort = cohorts[pathology]
+        # Train and val are exactly the balanced shared split's; only test images are added.
+        for frame in (manifest, balanced[pathology]):
+            assert not frame["image_id"].duplicated().any()
+        assert manifest[manifest["split"] != "test"].reset_index(drop=True).equals(
+            balanced[pathology][balanced[pathology]["split"] != "test"].reset_index(drop=True))
+        added = manifest[~manifest["image_id"].isin(balanced[pathology]["image_id"])]
+        assert (added["split"] == "test").all() and not set(added["image_id"]) & fitted
+        selected = cohort.set_index("image_id")["selected"]
+        assert not selected[added["image_id"]].any()  # only images balancing left out are added
+        # Each added image's patient is a shared test patient or in no cohort proper at all.
+        assert set(added["patient_id"]) <= test_patients | (set(added["patient_id"]) - in_any_cohort_proper)
+        assert not (set(added["patient_id"]) & in_any_cohort_proper) - test_patients
+        added_total += len(added)
+        # The test split now has about the pool's prevalence, far from the balanced 1:1.
+        pool_prevalence = cohort["label"].mean()
+        test = manifest[manifest["split"] == "test"]
+        assert abs(test["label"].mean() - pool_prevalence) < 0.12, (pathology, test["label"].mean(), pool_prevalence)
+        assert test["label"].mean() < balanced[pathology].query("split == 'test'")["label"].mean() - 0.1, pathology
+    assert added_total > 100
+    assert all(natural[p].equals(shared_split(cohorts, {**SPLIT, "test_prevalence": "natural"}, 42)[p]) for p in natural)
+
+
+def test_shared_split_refuses_conflicting_patient_ids():
     cohorts = overlapping_cohorts(n_cohorts=2)
-    with pytest.raises(CxrflowError, match="test_prevalence"):
-        shared_split(cohorts, {**SPLIT, "test_prevalence": "natural"}, 0)
     broken = dict(cohorts)
     row = cohorts["finding_0"].iloc[[0]].assign(patient_id="someone else")
     broken["finding_1"] = pd.concat([cohorts["finding_1"], row], ignore_index=True)

@@ -1,5 +1,6 @@
 """The multi-label mode through the real Snakemake workflow (tiny config, three cohorts, in a copy of the repository):
-one shared split, one train_multilabel job, evaluation per pathology reading its checkpoint, the mode in the table."""
+one shared split (with a natural-prevalence test split), one train_multilabel job, evaluation per pathology reading
+its checkpoint, the mode in the table."""
 
 import json
 import re
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.e2e
 
 ENABLED = ["aorta_unfolded", "enlarged_heart", "scoliosis"]
 OVERLAY = ("cohorts:\n  enabled: [" + ", ".join(ENABLED) + "]\n"
-           "train:\n  mode: multilabel\n  auxiliary_keys: [normal]\n  auxiliary_images: catalog\n")
+           "train:\n  mode: multilabel\n  auxiliary_keys: [normal]\n  auxiliary_images: catalog\n"
+           "split:\n  test_prevalence: natural\n")
 
 
 def snakemake(workdir, *args, overlay="config/multilabel.yaml", check=True):
@@ -60,6 +62,11 @@ def test_multilabel_run_evaluates_each_pathology_with_its_output_of_one_network(
     test_patients = set().union(*(set(m.loc[m["split"] == "test", "patient_id"]) for m in manifests.values()))
     fitted = set().union(*(set(m.loc[m["split"] != "test", "patient_id"]) for m in manifests.values()))
     assert not test_patients & fitted  # no test patient of any cohort trained the network
+    # A natural-prevalence test split: images that balancing left out of a cohort join its test split.
+    cohorts = {p: pd.read_parquet(results / "cohorts" / f"{p}.parquet") for p in ENABLED}
+    left_out = {p: set(c.loc[~c["selected"], "image_id"].astype(str)) for p, c in cohorts.items()}
+    added = {p: set(m.loc[m["split"] == "test", "image_id"].astype(str)) & left_out[p] for p, m in manifests.items()}
+    assert sum(map(len, added.values())) > 0, {p: len(s) for p, s in left_out.items()}
     table = pd.read_csv(results / "metrics_table.csv")
     assert sorted(table["pathology"]) == ENABLED and (table["mode"] == "multilabel").all()
     for pathology in ENABLED:

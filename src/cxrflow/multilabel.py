@@ -9,7 +9,8 @@ keys), and three things keep it comparable with the nine binary models, row by r
    network. Cohorts are split one after the other by `cxrflow.splits.patient_exclusive_split`, the rarest first
    (fewest positive units); units that an earlier cohort placed keep their group, and the free units fill each
    group's remaining share, stratified and seeded as in the binary split. The binary models may train on the same
-   manifests, so both modes are tested on exactly the same images.
+   manifests, so both modes are tested on exactly the same images. `split.test_prevalence: natural` adds each
+   cohort's left-out eligible images of shared test units, and of one share of the units in no cohort at all.
 2. The training table (`training_table`): the union of the cohorts' train and val images, one row per image, with a
    label matrix: column k is 1 or 0 where the image is a positive or negative of cohort k, and missing (NaN) where
    the image is not in cohort k. Auxiliary columns (`aux:<key>`) carry catalog label keys, optionally also on
@@ -29,9 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cxrflow.cohorts import cohort_seed
 from cxrflow.errors import CxrflowError
 from cxrflow.inference import predict_cached, use_threads
-from cxrflow.splits import patient_exclusive_split, split_groups, split_units
+from cxrflow.splits import draw_test_units, patient_exclusive_split, split_groups, split_units
 from cxrflow.train import Task, TrainResult, config_hash, finish, fit, output_aucs, run_metadata, sample_weights
 
 if TYPE_CHECKING:
@@ -52,9 +54,8 @@ def shared_split(cohorts: dict[str, pd.DataFrame], settings: dict, seed: int,
     (`stats["moved_units"]` counts them). Raises CxrflowError when an image has two patient ids in two cohorts, or
     when no such move exists.
     """
-    if settings.get("test_prevalence", "balanced") == "natural":
-        raise CxrflowError("split.test_prevalence: natural is not available with train.mode: multilabel (the extra "
-                           "test images of one cohort could be training images of another); use balanced")
+    natural = settings.get("test_prevalence", "balanced") == "natural"
+    settings = {**settings, "test_prevalence": "balanced"}  # the natural test rows come last, from the shared groups
     union = pd.concat([c[["image_id", "patient_id"]] for c in cohorts.values()], ignore_index=True).drop_duplicates()
     union["image_id"] = union["image_id"].astype(str)
     clash = union["image_id"].duplicated(keep=False)
@@ -96,9 +97,34 @@ def shared_split(cohorts: dict[str, pd.DataFrame], settings: dict, seed: int,
         if "fold" in manifest.columns:
             fold = np.array([-1 if f is None else f for f in folds])[group]
             manifest["fold"] = pd.array(np.where(fold < 0, None, fold), dtype="Int8")
+    if natural:
+        _add_natural_test_rows(manifests, cohorts, unit_of, assigned, names.index("test"), settings, seed)
     if stats is not None:
         stats["moved_units"] = moved
     return {p: manifests[p] for p in sorted(manifests)}
+
+
+def _add_natural_test_rows(manifests: dict, cohorts: dict, unit_of: pd.Series, assigned: dict, test_group: int,
+                           settings: dict, seed: int) -> None:
+    """`split.test_prevalence: natural` for the shared split (cxrflow.splits explains the binary one): each cohort's
+    test split gains its eligible images outside the balanced cohort (`selected` false) of units in the shared test
+    group, and of one `split.test` share of the units that are in no cohort proper at all, drawn once for every
+    cohort. No such image belongs to a unit that trains or validates in any cohort, so the network never sees a
+    test image of any cohort."""
+    left = {p: c.loc[~c["selected"].to_numpy(dtype=bool), ["image_id", "patient_id", "label"]]
+            .assign(unit=lambda f: unit_of[f["image_id"].astype(str)].to_numpy())
+            for p, c in cohorts.items() if "selected" in c.columns}
+    outside = pd.concat(left.values(), ignore_index=True) if left else pd.DataFrame(columns=["image_id", "unit", "label"])
+    outside = outside[~outside["unit"].isin(assigned.keys())]
+    outside = outside.sort_values(["image_id", "label"], ascending=[True, False], kind="stable").drop_duplicates("image_id")
+    drawn = draw_test_units(outside, settings.get("test", 0.25), np.random.default_rng([cohort_seed(seed, "shared"), 1]))
+    test_units = {u for u, g in assigned.items() if g == test_group} | drawn
+    for pathology, rows in left.items():
+        extra = rows.loc[rows["unit"].isin(test_units), ["image_id", "patient_id", "label"]].assign(split="test")
+        if "fold" in manifests[pathology].columns:
+            extra["fold"] = pd.array([pd.NA] * len(extra), dtype="Int8")
+        manifests[pathology] = (pd.concat([manifests[pathology], extra], ignore_index=True)
+                                .sort_values("image_id", kind="stable").reset_index(drop=True))
 
 
 def _repair(assigned: dict, members: dict[str, pd.DataFrame], n_groups: int, minimum: int) -> int:

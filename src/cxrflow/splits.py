@@ -160,17 +160,21 @@ def _natural_test_rows(left_out: pd.DataFrame, test_units, cohort_units: set, te
     test units, and those of a `test` share of the units that have no image in the balanced cohort."""
     in_test = left_out["unit"].isin(set(test_units)).to_numpy()
     outside = left_out[~left_out["unit"].isin(cohort_units).to_numpy()]
-    codes, units = pd.factorize(outside["unit"], sort=True)
-    label = outside["label"].to_numpy(dtype=np.int64)
+    # A stream of its own, so that the balanced groups are the same with either test_prevalence.
+    drawn = draw_test_units(outside, test, np.random.default_rng([cohort_seed(seed, pathology), 1]))
+    chosen = in_test | left_out["unit"].isin(drawn).to_numpy()
+    return left_out.loc[chosen, ["image_id", "patient_id", "label"]]
+
+
+def draw_test_units(frame: pd.DataFrame, test: float, rng: np.random.Generator) -> set:
+    """A `test` share of the units of `frame` (unit, label; one row per image), stratified by kind as the split is."""
+    codes, units = pd.factorize(frame["unit"], sort=True)
+    label = frame["label"].to_numpy(dtype=np.int64)
     n_pos = np.bincount(codes, weights=label == 1, minlength=len(units)).astype(np.int64)
     n_neg = np.bincount(codes, weights=label == 0, minlength=len(units)).astype(np.int64)
     kind = np.where((n_pos > 0) & (n_neg > 0), 2, np.where(n_pos > 0, 0, 1))
-    # A stream of its own, so that the balanced groups are the same with either test_prevalence.
-    rng = np.random.default_rng([cohort_seed(seed, pathology), 1])
     group = _fill(rng.permutation(len(units)), kind, n_pos + n_neg, np.array([test, 1 - test]), seeded=None)
-    drawn = set(np.asarray(units, dtype=object)[group == 0])
-    chosen = in_test | left_out["unit"].isin(drawn).to_numpy()
-    return left_out.loc[chosen, ["image_id", "patient_id", "label"]]
+    return set(np.asarray(units, dtype=object)[group == 0])
 
 
 def _group_labels(names: list[str], folds: list[int | None]) -> list[str]:
