@@ -164,6 +164,24 @@ def test_changing_one_cohort_leaves_the_others_unchanged():
     assert patient_exclusive_split(after, SPLIT, 7, "scoliosis").to_csv(index=False) == first
 
 
+def test_undersampled_cohorts_draw_nested_negatives_from_one_seeded_order():
+    """Every cohort ranks its negatives by one seeded order of the image ids, so a cohort with fewer positives takes
+    a subset of the negatives of a cohort with more: a multi-label network on their union reads the normal pool once."""
+    catalog = random_catalog(1500, 9)
+    built = build_cohorts(catalog, None, COHORTS, sorted(COHORTS["pathologies"]), KEYS, seed=5)
+    negatives = {p: set(c.loc[c["label"] == 0, "image_id"]) for p, (c, _) in built.items()}
+    sizes = sorted(negatives, key=lambda p: len(negatives[p]))
+    assert len(negatives[sizes[0]]) < len(negatives[sizes[-1]]) < 0.9 * (catalog["normal"] == 1).sum()
+    for smaller, larger in zip(sizes, sizes[1:]):
+        assert negatives[smaller] <= negatives[larger], (smaller, larger)
+    union = set().union(*negatives.values())
+    assert len(union) == max(map(len, negatives.values()))
+    # The order is seeded: another seed draws other negatives, of the same number.
+    other, _ = build_cohort(catalog, None, COHORTS, sizes[0], KEYS, seed=6)
+    assert set(other.loc[other["label"] == 0, "image_id"]) != negatives[sizes[0]]
+    assert (other["label"] == 0).sum() == len(negatives[sizes[0]])
+
+
 def test_consort_figure_is_drawn(tmp_path):
     catalog = random_catalog(200, 8)
     _, flow = build_cohort(catalog, quality_for(catalog), COHORTS, "enlarged_heart", KEYS, seed=1)

@@ -259,14 +259,13 @@ def _finish(shared: _Rows, cohorts_cfg: dict, pathology: str, seed: int,
                   f"negative the source does not affirm as a normal study ({NORMAL_KEY!r} is not 1)")
 
     pool = _cohort_frame(rows)
-    rng = np.random.default_rng(cohort_seed(seed, pathology))
     if cohorts_cfg.get("balance", "undersample") == "undersample":
         n = int(np.bincount(rows.label, minlength=2).min())
         reason = "undersampled to balance the classes" if n else "a class is empty, so no balanced cohort exists"
-        rows.keep(_sample_per_class(rows.column("image_id"), rows.label, n, rng), "balance", reason)
+        rows.keep(_sample_per_class(rows.column("image_id"), rows.label, n, seed), "balance", reason)
     cap = cohorts_cfg.get("max_per_class")
     if cap:
-        rows.keep(_sample_per_class(rows.column("image_id"), rows.label, cap, rng), "cap", f"more than {cap} images in the class")
+        rows.keep(_sample_per_class(rows.column("image_id"), rows.label, cap, seed), "cap", f"more than {cap} images in the class")
 
     cohort = _cohort_frame(rows)
     if with_pool:
@@ -318,15 +317,23 @@ def _arrow_strings(values) -> pa.Array:
     return pa.array(series, from_pandas=True).cast(pa.large_string())
 
 
-def _sample_per_class(image_ids: pd.Series, label: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """A mask keeping at most n random images of each class. The draw is over the images sorted by id, so it does
-    not depend on the catalog's row order."""
+def _sample_per_class(image_ids: pd.Series, label: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A mask keeping at most n images of each class: those first in one seeded random order of the image ids.
+
+    The order is the same for every cohort (it depends on the seed and the image id only, not on the pathology or
+    the catalog's row order), so the cohorts' draws nest: the negatives of a cohort with few positives are a subset
+    of those of a cohort with more, drawn from the same normal pool. The binary models then share their negatives,
+    and a multi-label network trained on the union of the cohorts reads the largest cohort's negatives once
+    instead of every cohort's own draw. Changing one cohort's config still leaves every other cohort unchanged.
+    """
+    ids = image_ids.astype(str).reset_index(drop=True)
+    rank = pd.util.hash_pandas_object(ids, index=False, hash_key=f"cxrflow{seed % 10**9:09d}").to_numpy()
     keep = np.zeros(len(label), dtype=bool)
     for cls in (0, 1):
         members = np.flatnonzero(label == cls)
         if len(members) <= n:
             keep[members] = True
             continue
-        members = members[image_ids.iloc[members].argsort(kind="stable").to_numpy()]
-        keep[members[rng.choice(len(members), size=n, replace=False)]] = True
+        members = members[ids.iloc[members].argsort(kind="stable").to_numpy()]  # ties (none in practice) by id
+        keep[members[np.argsort(rank[members], kind="stable")[:n]]] = True
     return keep
