@@ -1,13 +1,15 @@
 """The labeller on the hand-written corpora of tests/data/labels/ (Russian and English, written independently of the
-vocabularies; see the *_guidelines.md files there), over every note, dev and heldout together.
+vocabularies; see the *_guidelines.md files there), over every note, and over the held-out part alone.
 
-The floors sit a little under what the labeller reached when it was measured (benchmarks/labels.py prints the
-tables, dev and heldout apart, with the figures of the labeller before this work):
+The held-out part is the batch written in session 5 by an author who read neither the vocabularies nor the
+labeller, and was measured once, after the labeller's last change (the earlier held-out part had been examined
+while fixing errors, and is now `dev`). The floors sit a little under what the labeller reached
+(benchmarks/labels.py prints the tables, dev and heldout apart, with the figures of the labeller before):
 
-| corpus | notes | micro F1 positives | micro F1 uncertain | F1 normal | positives on normal / fully negated notes |
+| corpus | notes (held out) | micro F1 positives, all (held out) | micro F1 uncertain | F1 normal | positives on normal / fully negated notes |
 | --- | --- | --- | --- | --- | --- |
-| ru | 691 | 0.990 | 0.965 | 0.982 | 3 (before: 29) |
-| en | 373 | 0.979 | 0.972 | 0.964 | 1 (before: 7) |
+| ru | 961 (270) | 0.996 (0.990; before 0.982) | 0.991 | 0.994 | 1, in the held-out part (before: 5) |
+| en | 579 (206) | 0.990 (0.974; before 0.940) | 0.986 | 0.997 | 0 (before: 4) |
 """
 
 import importlib.util
@@ -25,9 +27,10 @@ _spec.loader.exec_module(bench)
 
 FLOORS = {
     # language: (micro F1 positives, micro F1 uncertain, F1 normal, most positives + uncertain on clean notes)
-    "ru": (0.98, 0.95, 0.97, 3),
-    "en": (0.965, 0.95, 0.95, 1),
+    "ru": (0.99, 0.98, 0.985, 1),
+    "en": (0.985, 0.975, 0.99, 0),
 }
+HELDOUT_FLOORS = {"ru": 0.98, "en": 0.965}  # micro F1 of the positives on the held-out part alone (goal: 0.97)
 
 
 @pytest.fixture(scope="module", params=sorted(FLOORS))
@@ -52,6 +55,15 @@ def test_micro_f1_floors(measured):
     assert result["micro"]["f"] >= positive, result["micro"]
     assert result["uncertain_micro"]["f"] >= uncertain, result["uncertain_micro"]
     assert result["normal"]["f"] >= normal, result["normal"]
+
+
+def test_micro_f1_floor_on_the_held_out_part(measured):
+    language, corpus, _ = measured
+    vocab = load_vocabulary(ROOT / "config/labels" / f"{language}.yaml", KEYS)
+    heldout = corpus[corpus["part"] == "heldout"].reset_index(drop=True)
+    assert len(heldout) >= {"ru": 250, "en": 200}[language]
+    result = bench.score(heldout, label_texts(heldout["text"], vocab, KEYS))
+    assert result["micro"]["f"] >= HELDOUT_FLOORS[language], result["micro"]
 
 
 def test_few_findings_on_normal_or_fully_negated_notes(measured):

@@ -81,6 +81,10 @@ LOOKALIKES = [
     ("Kорни тяжистые, ТEНЬ сердца не расширена.", {"hilar_strandiness": 1}),  # Latin K, E
     ("Сколиоз грудного отдела, S-образный.", {"scoliosis": 1}),  # a Latin word stays as it is
     ("Очаговая тень c обеих сторон.", {"focal_shadows": 1}),  # a lone Latin "c" for the preposition "с"
+    # A whole word in look-alikes, when its Cyrillic twin is a Russian word or an abbreviation.
+    ("Пневмонии het, выпота he выявлено.", {}),
+    ("Aopta уплотнена.", {"aorta_compacted": 1}),
+    ("Сердце he расширено, аорта уплотнена.", {"aorta_compacted": 1}),
 ]
 
 
@@ -238,7 +242,10 @@ def test_ru_smoothed_cardiac_waist(text, expected):
         # Only negated findings, no normal-study phrase: not normal, and nothing positive.
         ("Очаговых и инфильтративных теней не выявлено. Сердце не расширено.", {}, RU),
         ("Очаговой патологии нет.", {}, RU),
-        ("Сердце и аорта в норме.", {}, RU),  # one organ's normal is not the study's
+        ("Сердце в норме.", {}, RU),  # one organ's normal is not the study's
+        ("Тень сердца не расширена, в норме.", {}, RU),
+        # The heart and aorta together, as the corpus guidelines read "Сердце и аорта - в пределах нормы".
+        ("Лёгкие без очаговых теней; сердце, аорта - в пределах нормы.", {"normal": 1}, RU),
         ("Без патологии. Сколиоз.", {"scoliosis": 1}, RU),
         ("Без патологии. Возможно, пневмония.", {"pneumonia": NA}, RU),
         ("No acute cardiopulmonary abnormality.", {"normal": 1}, EN),
@@ -309,6 +316,205 @@ ENGLISH = [
 
 @pytest.mark.parametrize(("text", "expected"), ENGLISH)
 def test_en_error_classes(text, expected):
+    assert_labels(text, expected, EN)
+
+
+# --- error classes found on the corpora's old held-out part (phrasings written here) ----------------------------
+
+RU_STRUCTURE = [
+    # A heading of one or two words before a colon, as in structured protocols.
+    ("Аорта: развёрнута, уплотнена.", {"aorta_unfolded": 1, "aorta_compacted": 1}),
+    ("Лёгкие: без очаговых теней. Сердце: расширено влево.", {"enlarged_heart": 1}),
+    ("Корни лёгких: тяжистые, малоструктурные.", {"hilar_strandiness": 1}),
+    ("Сердце: не расширено. Синусы: свободны.", {}),
+    # A longer phrase before a colon is a clause: the hedge stays with its object.
+    ("Дифференцировать с туберкулёзом: очаги в S6 справа.", {"focal_shadows": 1, "tuberculosis": NA}),
+    # A bracketed query closes its sentence even without a full stop.
+    ("Сердце расширено (?) Очаговых теней нет.", {"enlarged_heart": NA}),
+    ("Релаксация правого купола (?) Синусы свободны.", {"dome_relaxation": NA}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), RU_STRUCTURE)
+def test_ru_headings_and_bracketed_queries(text, expected):
+    assert_labels(text, expected, RU)
+
+
+RU_HEDGE_PLACE = [
+    # A question after a dash hedges the interpretation, not the finding before the dash.
+    ("Очаговая тень в S6 справа - туберкулома?", {"focal_shadows": 1, "tuberculosis": NA}),
+    ("Инфильтрация в нижней доле слева - пневмония?", {"infiltration": 1, "pneumonia": NA}),
+    ("Инфильтрация в нижней доле слева?", {"infiltration": NA}),
+    # A hedge between commas goes with the predicate after it; one that ends the clause looks back.
+    ("Аорта уплотнена, вероятно, развёрнута.", {"aorta_compacted": 1, "aorta_unfolded": NA}),
+    ("Корни сосудистые, по-видимому, тяжистые.", {"vascular_roots": 1, "hilar_strandiness": NA}),
+    ("Пневмония, вероятно.", {"pneumonia": NA}),
+    ("Сколиоз грудного отдела, возможно.", {"scoliosis": NA}),
+    ("Аорта уплотнена, вероятно развёрнута.", {"aorta_compacted": 1, "aorta_unfolded": NA}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), RU_HEDGE_PLACE)
+def test_ru_hedge_goes_with_its_own_finding(text, expected):
+    assert_labels(text, expected, RU)
+
+
+RU_NEGATION_FORMS = [
+    # A misspelt ending of the negating verb still negates (typo tolerance never touches a cue).
+    ("Пневмоторакса не выявлнено.", {}),
+    ("Данных за пневмонию не получнео.", {}),
+    ("Выпота в синусах не определеятся.", {}),
+    # A disease treated is not present; its sequelae and an old tuberculosis are.
+    ("Контроль после лечения левосторонней пневмонии: лёгкие без патологии.", {"normal": 1}),
+    ("После перенесённой пневмонии пневмофиброз слева.", {"fibrosis": 1}),
+    ("После лечения туберкулёза фиброзные изменения в S1.", {"tuberculosis": 1, "fibrosis": 1}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), RU_NEGATION_FORMS)
+def test_ru_negation_forms(text, expected):
+    assert_labels(text, expected, RU)
+
+
+RU_NORMAL_FORMS = [
+    ("Без рентгенологических признаков патологии.", {"normal": 1}),
+    ("Без видимых признаков патологии.", {"normal": 1}),
+    ("Видимой патологии органов грудной клетки на момент осмотра не выявлено.", {"normal": 1}),
+    ("Патологических изменений ОГК на момент исследования не выявлено.", {"normal": 1}),
+    # An adjective that names one kind of finding makes it a negation, not a normal study.
+    ("Свежей очаговой и инфильтративной патологии не определяется.", {}),
+    ("Костно-деструктивной патологии не выявлено.", {}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), RU_NORMAL_FORMS)
+def test_ru_normal_study_forms(text, expected):
+    assert_labels(text, expected, RU)
+
+
+RU_MORE_SYNONYMS = [
+    ("Ao развёрнута.", {"aorta_unfolded": 1}),  # a whole abbreviation in Latin look-alikes
+    ("AO уплотнена, корни структурны.", {"aorta_compacted": 1}),
+    # A predicate before its subject is joined to it by a space, never a comma: no new chain after a comma.
+    ("Аорта уплотнена, корни структурны.", {"aorta_compacted": 1}),
+    ("Корни уплотнены, аорта развёрнута.", {"hilar_strandiness": 1, "aorta_unfolded": 1}),
+    ("Уплотнены, тяжисты корни.", {"hilar_strandiness": 1}),
+    ("Корни уплотнены, атеросклероз аорты.", {"hilar_strandiness": 1, "aortic_atherosclerosis": 1}),
+    ("Аорта уплотнена, в проекции правого корня тень.", {"aorta_compacted": 1}),
+    ("Корни расширены за счёт расширенных сосудов.", {"vascular_roots": 1}),
+    ("Атеросклероз аорты, склероз дуги.", {"aortic_atherosclerosis": 1, "aortic_arch_sclerosis": 1}),
+    ("Склерозированная дуга.", {"aortic_arch_sclerosis": 1}),
+    ("Дуга аорты с кальцинатами.", {"aortic_atherosclerosis": 1}),
+    ("Обызвествление стенок дуги.", {"aortic_atherosclerosis": 1}),
+    ("Кальциноз хрящей дуг рёбер.", {"calcinosis": 1}),  # the arcs of the ribs are not the aortic arch
+    ("Обызвествление передних рёберных дуг.", {"calcinosis": 1}),
+    ("Стенка аорты с кальцинатами. Кальцинаты в правом корне.", {"aortic_atherosclerosis": 1, "petrificates": 1}),
+    ("Образование в нижней доле левого лёгкого 2 см.", {"nodule_mass": 1}),
+    ("В корне справа образование с нечёткими контурами.", {"nodule_mass": 1}),
+    ("Образование средостения.", {"nodule_mass": 1}),
+    ("Лёгкие без очагов и образований.", {}),
+    # Technique, not a finding.
+    ("Тень сердца не расширена (гиповентиляция на вдохе).", {}),
+    ("Гиповентиляция нижней доли справа.", {"other_finding": 1}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), RU_MORE_SYNONYMS)
+def test_ru_more_synonyms_and_places(text, expected):
+    assert_labels(text, expected, RU)
+
+
+EN_NORMAL_FORMS = [
+    ("Without acute cardiopulmonary process.", {"normal": 1}),
+    ("Negative for acute intrathoracic disease.", {"normal": 1}),
+    ("No acute radiographic cardiopulmonary abnormality.", {"normal": 1}),
+    ("Negative frontal and lateral chest radiographs.", {"normal": 1}),
+    ("Normal PA and lateral radiographs of the chest.", {"normal": 1}),
+    ("Heart size normal. Lungs clear. IMPRESSION: Negative.", {"normal": 1}),
+    ("Unremarkable two-view chest radiograph.", {"normal": 1}),
+    ("Chest x-ray without acute findings.", {"normal": 1}),
+    ("Negative for pneumothorax.", {}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EN_NORMAL_FORMS)
+def test_en_normal_study_forms(text, expected):
+    assert_labels(text, expected, EN)
+
+
+EN_STRUCTURE = [
+    # Headings before a colon, "None" after one, devices removed, and the request, which is never labelled.
+    ("Tubes and catheters: None. Lungs are clear.", {}),
+    ("Heart: Moderately enlarged.", {"enlarged_heart": 1}),
+    ("Pleura: No effusion.", {}),
+    ("Interval removal of the right chest tube.", {}),
+    ("Interval removal of the left chest tube, small apical pneumothorax.", {"pneumothorax": 1}),
+    ("Endotracheal tube removed.", {}),
+    ("INDICATION: Cough, evaluate for pneumonia. Lungs are clear.", {}),
+    ("INDICATION: Fever FINDINGS: Right lower lobe pneumonia.", {"pneumonia": 1}),  # the next heading ends it
+    ("Reason for exam: rule out pneumothorax.", {}),
+    ("Evaluate for effusion.", {}),
+    ("History of pneumonia. Lungs are clear.", {"pneumonia": 1}),
+    ("Right hemidiaphragm elevated (?) No effusion.", {"dome_relaxation": NA}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EN_STRUCTURE)
+def test_en_headings_removals_and_requests(text, expected):
+    assert_labels(text, expected, EN)
+
+
+EN_MORE = [
+    ("Diffuse increase in the interstitial markings.", {"increased_lung_markings": 1}),
+    ("Prominence of the interstitial markings.", {"increased_lung_markings": 1}),
+    ("Chronic lung markings, unchanged.", {"increased_lung_markings": 1}),
+    ("Bilateral nodular opacities.", {"focal_shadows": 1}),
+    ("Nodular interstitial opacities.", {"focal_shadows": 1}),
+    ("A 1 cm nodule in the left upper lobe.", {"nodule_mass": 1}),
+    ("Calcified hilar and paratracheal lymph nodes.", {"petrificates": 1}),
+    ("Calcified aortopulmonary window lymph node.", {"petrificates": 1}),
+    ("Mild compression deformity of T11.", {"fracture": 1}),
+    ("Right chest port with its tip in the SVC.", {"support_devices": 1}),
+    ("Prominence of the main pulmonary artery.", {"vascular_roots": 1}),
+    ("Pulmonary artery enlargement.", {"vascular_roots": 1}),
+    ("Pulmonary artery segment is enlarged.", {"vascular_roots": 1}),
+    ("Left hilar prominence, likely vascular.", {"vascular_roots": NA}),
+    ("Degenerative changes are present in the lower thoracic spine.", {"spondylosis": 1}),
+    # Bullae describe emphysema; alone they are other_finding. "Aspiration pneumonia" is pneumonia only.
+    ("Emphysema with apical bullae.", {"emphysema": 1}),
+    ("Bullous emphysema.", {"emphysema": 1}),
+    ("Apical bulla.", {"other_finding": 1}),
+    ("COPD with emphysema.", {"emphysema": 1}),
+    ("COPD.", {"other_finding": 1}),
+    ("The cardiothoracic ratio is increased.", {"enlarged_heart": 1}),
+    ("The aorta is mildly dilated and tortuous.", {"aorta_unfolded": 1}),
+    ("Honeycombing at both bases.", {"fibrosis": 1}),
+    ("Compatible with aspiration pneumonia.", {"pneumonia": NA}),
+    ("Aspiration.", {"other_finding": 1}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EN_MORE)
+def test_en_more_synonyms_and_forms(text, expected):
+    assert_labels(text, expected, EN)
+
+
+EN_HEDGE_PLACE = [
+    # A sign explained away as an artefact is itself in doubt.
+    ("Nodular opacity at the left base, likely a nipple shadow.", {"focal_shadows": NA}),
+    ("Curvature of the spine, probably positional.", {"scoliosis": NA}),
+    ("Focal opacity at the left base, which may represent atelectasis.", {"focal_shadows": 1, "atelectasis": NA}),
+    # A hedge that ends its clause looks back; one carried on by "as is" reaches the next item.
+    ("Pneumonia, likely.", {"pneumonia": NA}),
+    ("The heart is enlarged, possibly.", {"enlarged_heart": NA}),
+    ("Pneumonia is possible, as is aspiration.", {"pneumonia": NA, "other_finding": NA}),
+    ("Aspiration is suspected, as is a small effusion.", {"other_finding": NA, "pleural_effusion": NA}),
+    ("The heart is enlarged, as is the aorta.", {"enlarged_heart": 1}),  # "as is" after no hedge hedges nothing
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EN_HEDGE_PLACE)
+def test_en_hedge_goes_with_its_own_finding(text, expected):
     assert_labels(text, expected, EN)
 
 

@@ -6,7 +6,8 @@ mapping.
 
 1. A note is lower-cased and folded (Russian "ё" -> "е"; patterns are folded the same way). Latin
    look-alike letters inside Cyrillic words ("Kардиомегалия" typed with a Latin K) are folded to
-   Cyrillic (``lookalikes``). The note is cut into sentences (``boundaries.sentence``), but not after
+   Cyrillic (``lookalikes``), and so is a word of look-alikes only whose twin is a Russian word or an
+   abbreviation ("he" for "не", "Ao" for "Ао"). The note is cut into sentences (``boundaries.sentence``), but not after
    an abbreviation ("пр.", "т.е."): scopes never leave a sentence, so each distinct sentence is labelled
    once per archive and a note's labels combine its sentences'.
 2. In a sentence, abbreviations are expanded ("Ао" -> "аорта", ``abbreviations``), and a long word that
@@ -25,7 +26,10 @@ mapping.
    and a Russian list item must start with a word that can be genitive, as a negated noun is.
 4. A mention is uncertain if an uncertainty scope reaches its last word, else negated if a negation
    scope does (a cue inside the mention counts: "сердце не расширено"), else affirmed. A match of a
-   key's ``absent`` patterns ("Heart size is normal") is a negated mention.
+   key's ``absent`` patterns ("Heart size is normal") is a negated mention. Words set off by
+   ``parenthetical`` punctuation (a hedge between commas, a heading before a colon: "Аорта: развёрнута")
+   neither split a mention nor end a scope; such a hedge looks back only when no mention follows it in
+   its comma segment ("Корни сосудистые, вероятно, малоструктурны" hedges only the second).
 5. Per note and key the strongest mention wins: affirmed > uncertain > negated > not mentioned. A key
    the note does not mention is 0, since a radiologist's note lists what it finds. The ``normal`` key
    is 1 when the note holds a normal-study phrase and no key is affirmed or uncertain, else 0. An
@@ -546,8 +550,9 @@ def load_vocabulary(path, keys: list[str]) -> Vocabulary:
 # --- from a note to its units -------------------------------------------------------------------------------------
 
 
-def _fold_lookalikes(text: str, lookalikes: dict) -> str:
-    """Latin letters inside a Cyrillic word, or a lone Latin letter standing for a Russian one-letter word."""
+def _fold_lookalikes(text: str, lookalikes: dict, known=lambda word: False) -> str:
+    """Latin letters inside a Cyrillic word, a lone Latin letter standing for a Russian one-letter word, or a
+    word of look-alikes only whose Cyrillic twin is ``known`` ("Ao уплотнена", "Аорта he расширена")."""
     if not _LATIN.search(text) or not _CYRILLIC.search(text):
         return text
     table = str.maketrans(lookalikes)
@@ -557,9 +562,10 @@ def _fold_lookalikes(text: str, lookalikes: dict) -> str:
         if len(word) == 1:
             folded = lookalikes.get(word, word)
             return folded if folded in _ONE_LETTER_WORDS else word
-        if _LATIN.search(word) and _CYRILLIC.search(word):
-            return word.translate(table)
-        return word
+        if _CYRILLIC.search(word):
+            return word.translate(table) if _LATIN.search(word) else word
+        folded = word.translate(table)
+        return folded if not _LATIN.search(folded) and known(folded) else word
 
     return _WORD.sub(fold_word, text)
 
@@ -567,7 +573,17 @@ def _fold_lookalikes(text: str, lookalikes: dict) -> str:
 def normalise(text: str, vocab: Vocabulary) -> str:
     """Lower-case and fold characters, as the patterns were; fold Latin look-alikes in Cyrillic words."""
     text = _fold(text.lower(), vocab.fold)
-    return _fold_lookalikes(text, vocab.lookalikes) if vocab.lookalikes else text
+    if not vocab.lookalikes:
+        return text
+    return _fold_lookalikes(text, vocab.lookalikes, lambda word: _known_word(word, vocab))
+
+
+def _known_word(word: str, vocab: Vocabulary) -> bool:
+    """Whether ``word`` is an abbreviation of the vocabulary or a word the dictionary knows: only then does a word
+    typed wholly in Latin look-alikes read as Cyrillic ("he" as "не"; "status" stays Latin)."""
+    if word in vocab.abbreviation_words:
+        return True
+    return vocab.morphology is not None and bool(_parses(vocab.morphology, word)[0].is_known)
 
 
 def split_units(text: str, vocab: Vocabulary) -> list[str]:
@@ -635,11 +651,18 @@ def _blank(text: str, pattern: re.Pattern | None) -> str:
     return text if pattern is None else pattern.sub(lambda match: " " * len(match.group()), text)
 
 
-def _unparenthesise(text: str, pattern: re.Pattern | None) -> str:
-    """ ", по-видимому," -> "  по видимому ": a parenthetical hedge neither splits its finding nor ends a scope."""
+def _unparenthesise(text: str, pattern: re.Pattern | None) -> tuple[str, list[tuple[int, int]]]:
+    """ ", по-видимому," -> "  по видимому ": a parenthetical hedge neither splits its finding nor ends a scope.
+    Also return the asides' spans."""
     if pattern is None:
-        return text
-    return pattern.sub(lambda match: re.sub(r"[^\w\s]", " ", match.group()), text)
+        return text, []
+    spans = []
+
+    def blank(match):
+        spans.append(match.span())
+        return re.sub(r"[^\w\s]", " ", match.group())
+
+    return pattern.sub(blank, text), spans
 
 
 # --- cue scopes ---------------------------------------------------------------------------------------------------
@@ -729,8 +752,9 @@ def _cue_scopes(
     soft: _Boundaries,
     lists: _Boundaries,
     segments: _Segments,
-) -> list[tuple[int, int, int]]:
-    """(start, end, cue start) of the spans that a unit's cues cover, each cut at its clause (or comma) and window."""
+) -> list[tuple[int, int, int, bool]]:
+    """(start, end, cue start, backward) of the spans that a unit's cues cover, each cut at its clause (or comma)
+    and window; ``backward`` for a cue that looks back (``direction: after``)."""
     scopes = []
     for rule in rules:
         for cue in rule.pattern.finditer(unit):
@@ -743,7 +767,7 @@ def _cue_scopes(
                 end = limit if rule.window is None or len(words) <= rule.window else words[rule.window - 1]
                 if rule.across_commas == "list" and end == limit:
                     end = _extend_forward(unit, limit, clause.next_start(cue.end(), len(unit)), lists, segments)
-                scopes.append((cue.start(), max(end, cue.end()), cue.start()))
+                scopes.append((cue.start(), max(end, cue.end()), cue.start(), False))
             else:
                 limit = clause.previous_end(cue.start(), 0)
                 if rule.across_commas is not True:
@@ -753,7 +777,7 @@ def _cue_scopes(
                 start = limit if rule.window is None or len(words) <= rule.window else words[-rule.window]
                 if rule.across_commas == "list" and start == limit:
                     start = _extend_backward(unit, limit, clause.previous_end(cue.start(), 0), lists, segments)
-                scopes.append((min(start, cue.start()), cue.end(), cue.start()))
+                scopes.append((min(start, cue.start()), cue.end(), cue.start(), True))
     return scopes
 
 
@@ -783,18 +807,24 @@ def _extend_backward(unit: str, position: int, clause_start: int, lists: _Bounda
     return position
 
 
-def _reaches(mention_end: int, scopes: list[tuple[int, int, int]]) -> bool:
+def _followed(position: int, mention_ends: list[int], clause: _Boundaries, soft: _Boundaries, length: int) -> bool:
+    """Whether a mention ends after ``position`` in the same comma segment."""
+    limit = soft.next_start(position, clause.next_start(position, length))
+    return any(position < end <= limit for end in mention_ends)
+
+
+def _reaches(mention_end: int, scopes: list[tuple[int, int, int, bool]]) -> bool:
     """Whether a scope holds the mention's last character.
 
     The last word carries the finding ("сердце не расширено", "heart is not enlarged", "очаговых
     теней"), so "Аорта не уплотнена и развёрнута" negates the compacted aorta but not the unfolded one.
     """
-    return any(scope_start < mention_end <= scope_end for scope_start, scope_end, _ in scopes)
+    return any(scope_start < mention_end <= scope_end for scope_start, scope_end, *_ in scopes)
 
 
 def _unit_mentions(unit: str, vocab: Vocabulary) -> list[Mention]:
     """Every mention of a key in one expanded, normalised unit, with its state."""
-    text = _unparenthesise(unit, vocab.parenthetical)
+    text, asides = _unparenthesise(unit, vocab.parenthetical)
     mentions = []
     if vocab.normal is not None:
         mentions += [
@@ -815,7 +845,15 @@ def _unit_mentions(unit: str, vocab: Vocabulary) -> list[Mention]:
     negation = _cue_scopes(text, vocab.negation, clause, soft, lists, segments)
     uncertainty = _cue_scopes(text, vocab.uncertainty, clause, soft, lists, segments)
     # A hedge inside a negation's scope is negated with it: "No opacity to suggest pneumonia".
-    uncertainty = [scope for scope in uncertainty if not any(start < scope[2] < end for start, end, _ in negation)]
+    uncertainty = [scope for scope in uncertainty if not any(start < scope[2] < end for start, end, *_ in negation)]
+    if asides:
+        # A hedge set off by commas between two findings goes with the second: "Корни сосудистые, вероятно,
+        # малоструктурны" hedges only "малоструктурны". It reaches back only when no finding follows it.
+        uncertainty = [
+            scope for scope in uncertainty
+            if not (scope[3] and any(start <= scope[2] < end for start, end in asides)
+                    and _followed(scope[1], [match.end() for _, match, _ in raw], clause, soft, len(text)))
+        ]  # fmt: skip
     found = []
     for key, match, state in raw:
         if state == AFFIRMED:
