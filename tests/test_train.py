@@ -232,22 +232,22 @@ def test_training_reads_the_cache_one_batch_at_a_time(tiny_pipeline, tmp_path, m
     cache = RecordingCache.open(tiny_pipeline["index"], tiny_pipeline["shards"])
     cache.calls = []
     manifest = pd.read_csv(tiny_pipeline["manifest"], dtype={"image_id": str, "patient_id": str})
-    cfg = {**tiny_pipeline["config"], "train": {**tiny_pipeline["config"]["train"], "epochs": 1, "batch_size": 8}}
+    cfg = {**tiny_pipeline["config"], "train": {**tiny_pipeline["config"]["train"], "epochs": 1, "batch_size": 4}}
     train(manifest, cache, cfg, "enlarged_heart", tmp_path, seed=0, log=lambda *_: None)
     train_ids = set(manifest.loc[manifest["split"] == "train", "image_id"])
     val_ids = manifest.loc[manifest["split"] == "val", "image_id"].tolist()
-    steps = len(train_ids) // 8
+    steps = len(train_ids) // 4
     assert val_ids and steps > 1
     training_reads = [c for c in cache.calls if set(c) <= train_ids]
     validation_reads = [c for c in cache.calls if set(c) <= set(val_ids)]
     assert len(training_reads) + len(validation_reads) == len(cache.calls)
-    assert [len(c) for c in training_reads] == [8] * steps
+    assert [len(c) for c in training_reads] == [4] * steps
     # Validation: the val split in prediction batches (of at most 64 images), in manifest order.
     assert [i for c in validation_reads for i in c] == val_ids
     assert max(len(c) for c in validation_reads) <= 64
     # The epoch visits a permutation's whole batches, no image twice.
     epoch = [i for c in training_reads for i in c]
-    assert len(set(epoch)) == len(epoch) == 8 * steps
+    assert len(set(epoch)) == len(epoch) == 4 * steps
 
 
 def test_predict_cached_streams_what_predict_computes_and_logs_progress(tiny_pipeline, monkeypatch):

@@ -36,24 +36,24 @@ def run(tiny_pipeline, tmp_path, monkeypatch, limit: int, micro: int | None = No
     from cxrflow.tensors import TensorCache
 
     messages = []
-    cfg = {**tiny_pipeline["config"], "train": {**tiny_pipeline["config"]["train"], "epochs": 2, "batch_size": 16}}
+    cfg = {**tiny_pipeline["config"], "train": {**tiny_pipeline["config"]["train"], "epochs": 2, "batch_size": 8}}
     result = train(manifest, TensorCache.open(tiny_pipeline["index"], tiny_pipeline["shards"]), cfg, "enlarged_heart",
                    tmp_path, seed=3, log=messages.append)
     return result, built[0], messages
 
 
 def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(tiny_pipeline, tmp_path, monkeypatch):
-    limited, model, messages = run(tiny_pipeline, tmp_path / "oom", monkeypatch, limit=4)
-    # 16 -> 8 -> 4 in the first step, then every step runs with 4.
-    assert model.refused[:2] == [16, 8] and set(model.refused) == {16, 8}
+    limited, model, messages = run(tiny_pipeline, tmp_path / "oom", monkeypatch, limit=2)
+    # 8 -> 4 -> 2 in the first step, then every step runs with 2.
+    assert model.refused[:2] == [8, 4] and set(model.refused) == {8, 4}
     assert [m for m in messages if "out of GPU memory" in m] == [
-        "out of GPU memory: the micro-batch is halved to 8 and the step redone",
-        "out of GPU memory: the micro-batch is halved to 4 and the step redone"]
-    assert limited.metadata["micro_batch"] == 4 and limited.metadata["batchnorm_images"] == 4
-    # The retried step is the step a micro-batch of 4 makes from the start: same images, same augmentation, same
+        "out of GPU memory: the micro-batch is halved to 4 and the step redone",
+        "out of GPU memory: the micro-batch is halved to 2 and the step redone"]
+    assert limited.metadata["micro_batch"] == 2 and limited.metadata["batchnorm_images"] == 2
+    # The retried step is the step a micro-batch of 2 makes from the start: same images, same augmentation, same
     # BatchNorm statistics, so the two runs end bit for bit alike on the CPU.
     monkeypatch.undo()
-    reference, _, _ = run(tiny_pipeline, tmp_path / "reference", monkeypatch, limit=10**6, micro=4)
+    reference, _, _ = run(tiny_pipeline, tmp_path / "reference", monkeypatch, limit=10**6, micro=2)
     assert limited.history["train_loss"].tolist() == reference.history["train_loss"].tolist()
     a = torch.load(tmp_path / "oom" / "best.pt", weights_only=True)
     b = torch.load(tmp_path / "reference" / "best.pt", weights_only=True)
