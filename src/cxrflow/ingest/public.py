@@ -20,16 +20,28 @@ from cxrflow.ingest.record import Report, require_keys
 from cxrflow.ingest.tables import read_table, record_lines, require_columns
 
 
-def adapt_nih(source: dict, keys: list[str] | None, base: Path, report: Report) -> pd.DataFrame:
-    """NIH ChestX-ray14 `Data_Entry_2017*.csv`: "Finding Labels" split on "|", "No Finding" meaning none."""
-    require_keys(source, ["annotations"], "nih")
+def _annotations(source: dict, keys: list[str] | None, base: Path, report: Report,
+                 fmt: str) -> tuple[Path, LabelMap | None]:
+    """A public source's annotation table and its label map (None in pixel mode, `keys` None)."""
+    require_keys(source, ["annotations"], fmt)
     path = base / source["annotations"]
     report.source = str(path)
-    labelled = keys is not None
-    label_map = load_label_map(source, base, keys) if labelled else None
-    table = read_table(path, usecols=["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
-                                      "Patient Sex", "View Position"])
+    return path, (load_label_map(source, base, keys) if keys is not None else None)
+
+
+def _read(path: Path, report: Report, usecols) -> pd.DataFrame:
+    """The table, its file lines kept in the report so that ledger rows name them."""
+    table = read_table(path, usecols=usecols)
     report.line_numbers = table.attrs.get("record_lines")
+    return table
+
+
+def adapt_nih(source: dict, keys: list[str] | None, base: Path, report: Report) -> pd.DataFrame:
+    """NIH ChestX-ray14 `Data_Entry_2017*.csv`: "Finding Labels" split on "|", "No Finding" meaning none."""
+    path, label_map = _annotations(source, keys, base, report, "nih")
+    labelled = keys is not None
+    table = _read(path, report, usecols=["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
+                                              "Patient Sex", "View Position"])
     if "Patient Gender" not in table.columns and "Patient Sex" in table.columns:
         table = table.rename(columns={"Patient Sex": "Patient Gender"})  # the column's name in some releases
     require_columns(table, ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
@@ -65,14 +77,10 @@ def _flag(mask: pd.Series) -> pd.Series:
 def adapt_chexpert(source: dict, keys: list[str] | None, base: Path, report: Report) -> pd.DataFrame:
     """CheXpert `train.csv` / `valid.csv`: one column per observation (1, 0, -1 uncertain, blank); the patient
     is the `patientNNNNN` part of `Path`; the view comes from "Frontal/Lateral" and "AP/PA"."""
-    require_keys(source, ["annotations"], "chexpert")
-    path = base / source["annotations"]
-    report.source = str(path)
+    path, label_map = _annotations(source, keys, base, report, "chexpert")
     labelled = keys is not None
-    label_map = load_label_map(source, base, keys) if labelled else None
     metadata = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
-    table = read_table(path, usecols=[*metadata, *(label_map.labels if labelled else ())])
-    report.line_numbers = table.attrs.get("record_lines")
+    table = _read(path, report, usecols=[*metadata, *(label_map.labels if labelled else ())])
     require_columns(table, ["Path", "Sex", "Age", "Frontal/Lateral"], path)
     if labelled:
         labels, text = column_label_matrix(table, label_map, keys, source, path, report, metadata)
@@ -96,14 +104,10 @@ def adapt_chexpert(source: dict, keys: list[str] | None, base: Path, report: Rep
 
 def adapt_padchest(source: dict, keys: list[str] | None, base: Path, report: Report) -> pd.DataFrame:
     """PadChest's label table: `Labels` is a Python-list string; the rows where it does not parse are ledgered."""
-    require_keys(source, ["annotations"], "padchest")
-    path = base / source["annotations"]
-    report.source = str(path)
+    path, label_map = _annotations(source, keys, base, report, "padchest")
     labelled = keys is not None
-    label_map = load_label_map(source, base, keys) if labelled else None
-    table = read_table(path, usecols=["ImageID", "ImageDir", "StudyDate_DICOM", "PatientID", "PatientBirth",
-                                      "PatientSex_DICOM", "Projection", "Labels", *["Report"] * labelled])
-    report.line_numbers = table.attrs.get("record_lines")
+    table = _read(path, report, usecols=["ImageID", "ImageDir", "StudyDate_DICOM", "PatientID", "PatientBirth",
+                                              "PatientSex_DICOM", "Projection", "Labels", *["Report"] * labelled])
     require_columns(table, ["ImageID", "PatientID", "PatientSex_DICOM", "Projection", "Labels"], path)
     if labelled:
         labels, unparseable, tagged = native_label_matrix(table["Labels"], parse_padchest_labels, label_map, keys,
@@ -288,8 +292,7 @@ def adapt_mimic(source: dict, keys: list[str] | None, base: Path, report: Report
     path = base / source["annotations"]
     report.source = str(path)
     label_map = load_label_map(source, base, keys) if labelled else None
-    table = read_table(path, usecols=["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"])
-    report.line_numbers = table.attrs.get("record_lines")
+    table = _read(path, report, usecols=["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"])
     require_columns(table, ["dicom_id", "subject_id", "study_id", "ViewPosition"], path)
     for name in ("subject_id", "study_id"):
         table[name] = stripped(table[name])
